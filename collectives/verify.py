@@ -175,6 +175,10 @@ def verify(s: Schedule) -> Trace:
 def _post(s: Schedule, r: int, i: int, work, inp, partner, mail) -> None:
     st = s.ranks[r][i]
     overwritten = {c for o in st.recvs if not o.reduce for c in range(o.start, o.stop)}
+    received = [c for o in st.recvs for c in range(o.start, o.stop)]
+    if len(received) != len(set(received)) and overwritten & {c for c in received if received.count(c) > 1}:
+        raise ScheduleError(f"rank {r} step {i}: a chunk is overwritten by one receive and touched by another "
+                            f"in the same step")
     for oi, op in enumerate(st.ops):
         if not isinstance(op, Send):
             continue

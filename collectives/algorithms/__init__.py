@@ -11,7 +11,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from ..schedule import Collective, Schedule
-from . import ring
+from . import halving_doubling, hierarchical, pairwise, ring, tree
 
 NATIVE = "native"
 
@@ -23,6 +23,17 @@ _REGISTRY: dict[tuple[str, Collective], _Builder] = {
     ("ring", Collective.ALL_GATHER): lambda n, root, nodes, k: ring.ring_all_gather(n),
     ("ring", Collective.BROADCAST): lambda n, root, nodes, k: ring.ring_broadcast(n, root, k),
     ("ring", Collective.REDUCE): lambda n, root, nodes, k: ring.ring_reduce(n, root, k),
+    ("tree", Collective.ALL_REDUCE): lambda n, root, nodes, k: tree.tree_all_reduce(n, k),
+    ("tree", Collective.BROADCAST): lambda n, root, nodes, k: tree.tree_broadcast(n, root, k),
+    ("tree", Collective.REDUCE): lambda n, root, nodes, k: tree.tree_reduce(n, root, k),
+    ("halving_doubling", Collective.ALL_REDUCE):
+        lambda n, root, nodes, k: halving_doubling.halving_doubling_all_reduce(n),
+    ("halving_doubling", Collective.REDUCE_SCATTER):
+        lambda n, root, nodes, k: halving_doubling.halving_doubling_reduce_scatter(n),
+    ("halving_doubling", Collective.ALL_GATHER):
+        lambda n, root, nodes, k: halving_doubling.halving_doubling_all_gather(n),
+    ("hierarchical", Collective.ALL_REDUCE): lambda n, root, nodes, k: hierarchical.hierarchical_all_reduce(n, nodes),
+    ("pairwise", Collective.ALL_TO_ALL): lambda n, root, nodes, k: pairwise.pairwise_all_to_all(n),
 }
 
 
@@ -45,7 +56,10 @@ def pipelined(name: str, collective: Collective) -> bool:
     return (name, collective) in _PIPELINED
 
 
-_PIPELINED: set[tuple[str, Collective]] = {("ring", Collective.BROADCAST), ("ring", Collective.REDUCE)}
+_PIPELINED: set[tuple[str, Collective]] = {
+    ("ring", Collective.BROADCAST), ("ring", Collective.REDUCE),
+    ("tree", Collective.ALL_REDUCE), ("tree", Collective.BROADCAST), ("tree", Collective.REDUCE),
+}
 
 
 @lru_cache(maxsize=1024)

@@ -1,0 +1,136 @@
+"""One rank's part of a sweep: timing, the correctness check, the model's prediction.
+
+Timing follows nccl-tests: warm-up calls, a barrier, ``iters`` timed calls,
+the mean per call; every rank times itself and the ranks' means are combined
+(by default the slowest rank's, ``-a 3``) with a native all-reduce. On CUDA the
+device is synchronised before the clock starts and before it stops, so the
+time covers the kernels and the host work that launches them.
+
+The check (``-c 1``) runs once more after the timed calls, on fresh inputs
+that depend on rank and index, and counts the elements of each rank's output
+that differ from the result computed locally ([Note: check values] in
+_ops.py); the counts are summed over ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import torch
+
+from collectives.ops import Reduction
+
+from ._ops import BenchOp, Layout, check_input, count_wrong
+
+AUTO = "auto"
+AGGREGATES = {0: "rank 0", 1: "mean over ranks", 2: "fastest rank", 3: "slowest rank"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    sizes: tuple[int, ...]
+    dtype: torch.dtype
+    red: Reduction
+    root: int = 0
+    iters: int = 20
+    warmup: int = 5
+    check: bool = True
+    aggregate: int = 3
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Measurement:
+    time_us: float
+    wrong: int | None  # None: not checked
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Result:
+    """One size of one (op, algorithm) block: both modes, the model's prediction, and auto's pick."""
+
+    layout: Layout
+    out_of_place: Measurement | None
+    in_place: Measurement | None
+    predicted_us: float | None
+    chosen: str | None = None  # the algorithm "auto" planned
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _aggregate(comm, value: float, how: int) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=comm.device)
+    if how == 0:
+        comm.broadcast(t, src=0, algorithm="native")
+    elif how == 1:
+        comm.all_reduce(t, op="sum", algorithm="native")
+        t /= comm.size
+    else:
+        comm.all_reduce(t, op="min" if how == 2 else "max", algorithm="native")
+    return float(t.item())
+
+
+def _poison(t: torch.Tensor) -> None:
+    """Fill an output with a value the check input never produces, so unwritten elements count as wrong."""
+    t.fill_(255 if t.dtype == torch.uint8 else -1)
+
+
+def measure(comm, op: BenchOp, algorithm: str, lay: Layout, in_place: bool, s: Settings) -> Measurement:
+    inp, out = op.buffers(lay, in_place, comm.rank, s.dtype, comm.device)
+    inp.copy_(check_input(lay.inp, comm.rank, comm.size, s.dtype, s.red, comm.device))
+    run = op.bind(comm, inp, out, algorithm, s.red, s.root)
+    for _ in range(s.warmup):
+        run()
+    _sync(comm.device)
+    comm.barrier()
+    _sync(comm.device)
+    t0 = time.perf_counter()
+    for _ in range(s.iters):
+        run()
+    _sync(comm.device)
+    mean = (time.perf_counter() - t0) / max(1, s.iters)
+    time_us = _aggregate(comm, mean, s.aggregate) * 1e6
+    wrong = check(comm, op, run, inp, out, s) if s.check else None
+    return Measurement(time_us, wrong)
+
+
+def check(comm, op: BenchOp, run: Callable[[], None], inp: torch.Tensor, out: torch.Tensor, s: Settings) -> int:
+    """Mismatching output elements of one call on check inputs, summed over ranks."""
+    n, rank = comm.size, comm.rank
+
+    def x(r: int) -> torch.Tensor:
+        return check_input(inp.numel(), r, n, s.dtype, s.red, comm.device)
+
+    _poison(out)
+    inp.copy_(x(rank))
+    run()
+    _sync(comm.device)
+    wrong = count_wrong(out, op.expected(x, rank, n, s.red, s.root), s.red if op.reduces else None)
+    total = torch.tensor([wrong], dtype=torch.int64, device=comm.device)
+    comm.all_reduce(total, op="sum", algorithm="native")
+    return int(total.item())
+
+
+def predict(comm, op: BenchOp, algorithm: str, nbytes: int, dtype: torch.dtype) -> tuple[float | None, str | None]:
+    """The model's time in microseconds (None where it has no answer) and, for auto, its pick."""
+    if op.name == "sendrecv":
+        return None, None
+    try:
+        if algorithm == AUTO:
+            plan = comm.plan(op.name, nbytes, dtype)
+            return plan.predicted_s * 1e6, plan.algorithm
+        return comm.model.predict(op.name, nbytes, algorithm, dtype) * 1e6, None
+    except (ValueError, KeyError, NotImplementedError):
+        return None, None
+
+
+def run_size(comm, op: BenchOp, algorithm: str, nbytes: int, s: Settings) -> Result:
+    lay = op.layout(nbytes, s.dtype.itemsize, comm.size)
+    oop = measure(comm, op, algorithm, lay, False, s)
+    ip = measure(comm, op, algorithm, lay, True, s) if op.has_in_place else None
+    predicted, chosen = predict(comm, op, algorithm, lay.size, s.dtype)
+    return Result(lay, oop, ip, predicted, chosen)

@@ -1,0 +1,309 @@
+"""Bus-bandwidth sweeps in the manner of nccl-tests, for every op and algorithm, with the model's prediction.
+
+    python -m benchmarks.busbw --op all_reduce,reduce_scatter --algo all -b 1K -e 16M -f 4 --nproc 4 \\
+        --json out.json --plot out.png
+    torchrun --nproc-per-node 4 -m benchmarks.busbw --op all_reduce --algo ring,native -b 1K -e 1G -f 4
+    mpirun -n 4 python -m benchmarks.busbw ...
+
+Under torchrun, mpirun or srun the launcher's ranks run the sweep (NCCL on
+GPUs, gloo otherwise). Without a launcher, ``--nproc N`` starts N local gloo
+ranks as subprocesses of this one (with torchrun's environment variables).
+
+Flags follow nccl-tests where they apply: -b/-e sizes (suffixes K, M, G:
+powers of 1024), -f step factor (or -i step bytes with -f 1), -n iterations,
+-w warm-up iterations, -c check, -o reduction, -d data type, -r root, -a how
+ranks' times combine. Differences from nccl-tests: ``--op`` names the
+collective (the reduction is ``-o``/``--redop``), the default of ``-a`` is 3
+(the slowest rank's time, not the mean over ranks), and ``-f`` defaults to 2.
+busbw = algbw x 2(n-1)/n for all_reduce, x (n-1)/n for all_gather,
+reduce_scatter and all_to_all, x 1 for broadcast, reduce and sendrecv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ._ops import OPS, BenchOp
+from ._sweep import AGGREGATES, AUTO, Result, Settings, run_size
+
+DTYPES = {"float": torch.float32, "float32": torch.float32, "fp32": torch.float32,
+          "double": torch.float64, "float64": torch.float64, "fp64": torch.float64,
+          "half": torch.float16, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16,
+          "int32": torch.int32, "int": torch.int32, "int64": torch.int64, "long": torch.int64}
+_LAUNCHER_ENV = ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_PROCID")
+_SPAWNED = "TOPOCOMM_BUSBW_SPAWNED"
+
+
+def parse_size(text: str) -> int:
+    """'1K' -> 1024, '64M', '1G', '1.5M', '4096', '16MiB', '1KB' (binary multiples, as nccl-tests)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 1024, 1K, 64M, 1G")
+    scale = 1 << (10 * " kmgt".index(m.group(2).lower() or " "))
+    return int(float(m.group(1)) * scale)
+
+
+def size_range(minbytes: int, maxbytes: int, factor: float, step: int) -> tuple[int, ...]:
+    """nccl-tests' sizes: multiply by ``factor`` when it is above 1, else add ``step``."""
+    if minbytes < 0 or maxbytes < minbytes:
+        raise ValueError(f"-b/-e: need 0 <= minbytes <= maxbytes, got {minbytes}, {maxbytes}")
+    if factor <= 1 and step <= 0:
+        raise ValueError("-f/-i: with a step factor of 1 the step bytes (-i) must be positive")
+    if factor > 1 and minbytes == 0:
+        raise ValueError("-b: a multiplicative sweep (-f > 1) needs minbytes > 0")
+    sizes, size = [], minbytes
+    while size <= maxbytes:
+        sizes.append(size)
+        size = int(size * factor) if factor > 1 else size + step
+    return tuple(sizes)
+
+
+def expand_algorithms(spec: str, ops: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """{op: algorithms to run} for ``--algo`` ('all' or a list), and notes on names an op lacks."""
+    from collectives import algorithms
+
+    known = set(algorithms.names()) | {AUTO}
+    wanted = [a.strip() for a in spec.split(",") if a.strip()]
+    if not wanted:
+        raise ValueError("--algo: empty list")
+    unknown = [a for a in wanted if a != "all" and a not in known]
+    if unknown:
+        raise ValueError(f"--algo: unknown {', '.join(unknown)}; use 'all' or some of {', '.join(sorted(known))}")
+    plan: dict[str, list[str]] = {}
+    notes = []
+    for op in ops:
+        supported = list(OPS[op].algorithms())
+        if op != "sendrecv":
+            supported.append(AUTO)
+        names = supported if "all" in wanted else [a for a in dict.fromkeys(wanted) if a in supported]
+        skipped = [a for a in wanted if a != "all" and a not in supported]
+        if skipped:
+            notes.append(f"{op} has no {', '.join(skipped)} (it has {', '.join(supported)})")
+        if names:
+            plan[op] = names
+    if not plan:
+        raise ValueError("--algo: no requested algorithm implements any requested --op; " + "; ".join(notes))
+    return plan, notes
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    plan: dict[str, list[str]]
+    notes: list[str]
+    settings: Settings
+    nproc: int
+    timeout: float
+    json: Path | None
+    plot: Path | None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.busbw", allow_abbrev=False,
+                                description="nccl-tests style bus-bandwidth sweeps of topocomm's collectives.")
+    p.add_argument("--op", default="all_reduce",
+                   help=f"collectives, comma-separated, or 'all' ({', '.join(OPS)}); default all_reduce")
+    p.add_argument("--algo", default="all", help="algorithms, comma-separated (auto included), or 'all' (default)")
+    p.add_argument("-b", "--minbytes", type=parse_size, default=parse_size("1K"), help="smallest size (default 1K)")
+    p.add_argument("-e", "--maxbytes", type=parse_size, default=parse_size("64M"), help="largest size (default 64M)")
+    p.add_argument("-f", "--stepfactor", type=float, default=2.0, help="size multiplier (default 2)")
+    p.add_argument("-i", "--stepbytes", type=parse_size, default=parse_size("1M"),
+                   help="size increment when -f is 1 (default 1M)")
+    p.add_argument("-n", "--iters", type=int, default=20, help="timed iterations per size (default 20)")
+    p.add_argument("-w", "--warmup_iters", type=int, default=5, help="warm-up iterations per size (default 5)")
+    p.add_argument("-c", "--check", type=int, choices=(0, 1), default=1, help="check results (default 1)")
+    p.add_argument("-o", "--redop", default="sum", choices=("sum", "avg", "max", "min", "prod"),
+                   help="reduction (default sum)")
+    p.add_argument("-d", "--datatype", default="float", choices=sorted(DTYPES), help="data type (default float)")
+    p.add_argument("-r", "--root", type=int, default=0, help="root of broadcast and reduce (default 0)")
+    p.add_argument("-a", "--average", type=int, choices=sorted(AGGREGATES), default=3,
+                   help="time reported: " + ", ".join(f"{k}={v}" for k, v in AGGREGATES.items()) + " (default 3)")
+    p.add_argument("--nproc", type=int, default=4, help="local gloo ranks to start without a launcher (default 4)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck rank fails (default 300)")
+    p.add_argument("--json", type=Path, help="write the rows and a header to this JSON file")
+    p.add_argument("--plot", type=Path, help="write busbw against size to this image (matplotlib)")
+    return p
+
+
+def parse_args(argv: list[str]) -> Options:
+    p = build_parser()
+    a = p.parse_args(argv)
+    from collectives.ops import Reduction, FLOAT_DTYPES
+
+    ops = list(OPS) if a.op.strip() == "all" else [o.strip() for o in a.op.split(",") if o.strip()]
+    bad = [o for o in ops if o not in OPS]
+    if bad or not ops:
+        p.error(f"--op: unknown {', '.join(bad) or '(empty)'}; use some of {', '.join(OPS)} or 'all'")
+    dtype, red = DTYPES[a.datatype], Reduction(a.redop)
+    if red is Reduction.AVG and dtype not in FLOAT_DTYPES:
+        p.error(f"-o avg needs a floating-point -d, got {a.datatype}")
+    if a.iters < 1 or a.warmup_iters < 0 or a.nproc < 1 or a.root < 0:
+        p.error("-n and --nproc must be >= 1, -w and -r >= 0")
+    try:
+        sizes = size_range(a.minbytes, a.maxbytes, a.stepfactor, a.stepbytes)
+        plan, notes = expand_algorithms(a.algo, ops)
+    except ValueError as e:
+        p.error(str(e))
+    s = Settings(sizes, dtype, red, a.root, a.iters, a.warmup_iters, bool(a.check), a.average)
+    return Options(plan, notes, s, a.nproc, a.timeout, a.json, a.plot)
+
+
+# -- launching -----------------------------------------------------------------
+
+
+def launched() -> bool:
+    """True under torchrun, mpirun/mpiexec or srun (or as one of our own spawned ranks)."""
+    return any(k in os.environ for k in _LAUNCHER_ENV)
+
+
+def spawn(argv: list[str], nproc: int) -> int:
+    """Run this command on ``nproc`` local ranks (torchrun's variables); the first failure stops the rest."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = str(Path(__file__).resolve().parent.parent)
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "RES_OPTIONS": "timeout:1 attempts:1",
+            _SPAWNED: str(nproc), "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    base.setdefault("OMP_NUM_THREADS", "1")  # N ranks share the cores
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.busbw", *argv], stdin=subprocess.DEVNULL,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed or all(c == 0 for c in codes):
+                break
+            time.sleep(0.05)
+        if failed:  # the others may wait on the dead rank: give them a moment to fail by themselves
+            deadline = time.monotonic() + 5
+            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return failed[0] if failed else 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+# -- the sweep -------------------------------------------------------------------
+
+
+class _Progress:
+    """A one-line progress display on stderr, only when stderr is a terminal."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled, self.start = total, 0, enabled and sys.stderr.isatty(), time.monotonic()
+
+    def show(self, what: str) -> None:
+        if self.enabled:
+            secs = time.monotonic() - self.start
+            sys.stderr.write(f"\r\033[K[{self.done}/{self.total}] {secs:5.0f} s  {what}")
+            sys.stderr.flush()
+
+    def step(self) -> None:
+        self.done += 1
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def command_line() -> str:
+    spawned = os.environ.get(_SPAWNED)
+    prefix = "python -m benchmarks.busbw" if spawned or not launched() else (
+        "torchrun ... -m benchmarks.busbw" if "TORCHELASTIC_RUN_ID" in os.environ else "<launcher> benchmarks.busbw")
+    return " ".join([prefix, shlex.join(sys.argv[1:])])
+
+
+def sweep(comm, opts: Options) -> int:
+    from . import _report
+
+    s = opts.settings
+    lead = comm.rank == 0
+    if s.root >= comm.size:
+        raise SystemExit(f"-r: root {s.root} is out of range for {comm.size} ranks")
+    launcher = f"local spawn (--nproc {comm.size})" if os.environ.get(_SPAWNED) else (
+        "single process" if not launched() else "launcher")
+    head = _report.header(comm, s, command_line(), launcher)
+    devices = comm.exchange_json(_report.device_info(comm))
+    table = _report.Table(s, comm.size)
+    if lead:
+        table.preamble(head, devices)
+        for note in opts.notes:
+            table.print(f"# skipped: {note}")
+    progress = _Progress(sum(len(a) for a in opts.plan.values()) * len(s.sizes), lead)
+    rows: list[dict] = []
+    wrong = 0
+    for name, algos in opts.plan.items():
+        op: BenchOp = OPS[name]
+        blocks: dict[str, list[Result]] = {}
+        for algorithm in algos:
+            if lead:
+                table.begin(op, algorithm)
+            results = blocks[algorithm] = []
+            for nbytes in s.sizes:
+                progress.show(f"{name} {algorithm} {_report.human_size(nbytes)}")
+                r = run_size(comm, op, algorithm, nbytes, s)
+                results.append(r)
+                progress.step()
+                if lead:
+                    progress.close()
+                    table.row(r)
+            if lead:
+                table.end()
+            wrong += table.wrong if lead else 0
+            rows += _report.json_rows(op, algorithm, results, s, comm.size)
+        if lead:
+            table.summary(op, blocks)
+    progress.close()
+    if lead:
+        doc = {"header": head, "rows": rows}
+        if opts.json:
+            opts.json.parent.mkdir(parents=True, exist_ok=True)
+            opts.json.write_text(json.dumps(doc, indent=1) + "\n")
+            table.print(f"# wrote {opts.json}")
+        if opts.plot:
+            from .plot import plot
+
+            plot(doc, opts.plot)
+            table.print(f"# wrote {opts.plot}")
+    return 1 if wrong else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    opts = parse_args(argv)
+    if not launched() and opts.nproc > 1:
+        return spawn(argv, opts.nproc)
+    import collectives
+
+    comm = collectives.init(timeout=opts.timeout)
+    try:
+        return sweep(comm, opts)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Communicator: op -> plan -> schedule -> execute (or native).
+
+A Communicator wraps a torch.distributed ProcessGroup. Each collective call
+checks its arguments (before any byte moves), picks the algorithm (the
+caller's, ``TOPOCOMM_ALGO``'s, or the cost model's), builds the cached
+Schedule and runs it on the executor, or calls the backend's own collective
+for ``native``.
+
+[Note: ordering] Collectives on one communicator run in call order on every
+rank. On CPU an ``async_op=True`` call runs on the communicator's single
+worker thread; a later blocking call first waits for the queued ones. On CUDA
+every call is enqueued on the communicator's own stream, which waits for the
+caller's current stream; a blocking call makes the caller's stream wait for
+it, and ``Handle.wait()`` does the same for an asynchronous one. No host
+synchronisation happens inside a collective on CUDA.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+import torch.distributed as dist
+
+from . import algorithms
+from .execute import DEFAULT_MAX_SEGMENT_BYTES, Executor, run_collective
+from .native import _all_gather, run_native
+from .ops import Reduction
+from .schedule import Collective
+from .transport import TorchTransport
+from .validate import check_no_alias, check_op, check_pair, check_rank, check_tensor
+
+AUTO = "auto"
+
+
+class CollectiveMismatchError(RuntimeError):
+    """Ranks called different collectives (raised on every rank under TOPOCOMM_DEBUG=1)."""
+
+
+class Handle:
+    """The result of an ``async_op=True`` call, ``isend`` or ``irecv``; ``wait()`` returns the tensor."""
+
+    def __init__(self, result: torch.Tensor | None, future: Future | None = None,
+                 event: torch.cuda.Event | None = None, waits: list | None = None) -> None:
+        self._result, self._future, self._event, self._waits = result, future, event, waits
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor | None:
+        if self._future is not None:
+            self._future.result(timeout)
+        if self._waits:
+            for w in self._waits:
+                w.wait()
+            self._waits = None
+        if self._event is not None:
+            torch.cuda.current_stream().wait_event(self._event)
+        return self._result
+
+    def is_completed(self) -> bool:
+        if self._future is not None:
+            return self._future.done()
+        if self._event is not None:
+            return self._event.query()
+        return self._waits is None
+
+
+def _parse_overrides(text: str) -> dict[Collective, str]:
+    """``TOPOCOMM_ALGO=all_reduce:ring,all_gather:native`` -> {collective: algorithm}."""
+    out: dict[Collective, str] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        op, sep, name = item.partition(":")
+        try:
+            coll = Collective(op.strip())
+        except ValueError:
+            raise ValueError(f"TOPOCOMM_ALGO: unknown collective {op!r} in {text!r}") from None
+        if not sep or name.strip() not in algorithms.supported(coll):
+            raise ValueError(f"TOPOCOMM_ALGO: {item!r}: {coll.value} supports {', '.join(algorithms.supported(coll))}")
+        out[coll] = name.strip()
+    return out
+
+
+def _as_timedelta(timeout: float | datetime.timedelta | None) -> datetime.timedelta | None:
+    if timeout is None or isinstance(timeout, datetime.timedelta):
+        return timeout
+    return datetime.timedelta(seconds=float(timeout))
+
+
+class Communicator:
+    def __init__(self, group: dist.ProcessGroup | None = None, *,
+                 timeout: float | datetime.timedelta | None = None,
+                 max_segment_bytes: int | None = None, topology=None, profile=None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("Communicator: torch.distributed is not initialised; call collectives.init() first")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.size = dist.get_world_size(self.group)
+        if self.rank < 0:
+            raise ValueError("group: this process is not a member of the group")
+        self.backend = str(dist.get_backend(self.group)).lower()
+        if self.backend == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            self._stream: torch.cuda.Stream | None = torch.cuda.Stream(self.device)
+        else:
+            self.device = torch.device("cpu")
+            self._stream = None
+        self.timeout = _as_timedelta(timeout)
+        seg = max_segment_bytes or int(os.environ.get("TOPOCOMM_MAX_SEGMENT_BYTES", DEFAULT_MAX_SEGMENT_BYTES))
+        self._executor = Executor(TorchTransport(self.group, self.timeout), seg)
+        self._overrides = _parse_overrides(os.environ.get("TOPOCOMM_ALGO", ""))
+        self._debug = os.environ.get("TOPOCOMM_DEBUG", "") not in ("", "0")
+        self._seq = 0
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: collections.deque[Future] = collections.deque()
+        from .model import CostModel
+        from .topology import Topology
+
+        self.topology = topology if topology is not None else Topology.detect(self)
+        self.model = CostModel(self.topology, backend=self.backend, profile=profile)
+        self._nodes = tuple(tuple(n) for n in self.topology.nodes)
+
+    def __repr__(self) -> str:
+        return f"Communicator(rank={self.rank}, size={self.size}, backend={self.backend!r})"
+
+    # -- planning ----------------------------------------------------------
+
+    def plan(self, op: str, nbytes: int, dtype: torch.dtype = torch.float32):
+        """The algorithm ``auto`` would run for ``op`` on ``nbytes``, with every alternative's predicted time."""
+        coll = _collective(op)
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise ValueError(f"nbytes: expected a non-negative int, got {nbytes!r}")
+        p = self.model.plan(coll.value, nbytes, dtype, candidates=self._candidates(coll))
+        forced = self._overrides.get(coll)
+        if forced is not None and forced != p.algorithm:
+            p = dataclasses.replace(p, algorithm=forced, predicted_s=p.alternatives.get(forced, p.predicted_s),
+                                    reason=f"TOPOCOMM_ALGO forces {forced}")
+        return p
+
+    def _candidates(self, coll: Collective) -> tuple[str, ...]:
+        return algorithms.supported(coll)
+
+    def _select(self, coll: Collective, nbytes: int, dtype: torch.dtype, algorithm: object) -> tuple[str, int]:
+        """(algorithm name, pipeline depth) for this call; validates ``algorithm``."""
+        if not isinstance(algorithm, str):
+            raise TypeError(f"algorithm: expected a name, got {type(algorithm).__name__}")
+        if algorithm != AUTO:
+            if algorithm not in algorithms.names():
+                raise ValueError(f"algorithm: unknown {algorithm!r}; use 'auto' or one of {', '.join(algorithms.names())}")
+            if algorithm not in algorithms.supported(coll):
+                raise ValueError(f"algorithm: {algorithm!r} does not implement {coll.value}; "
+                                 f"use one of {', '.join(algorithms.supported(coll))}")
+        name = algorithm if algorithm != AUTO else None
+        if name is None:
+            name = self._overrides.get(coll)
+        if name is not None and not algorithms.pipelined(name, coll):
+            return name, 1
+        p = self.model.plan(coll.value, nbytes, dtype, candidates=(name,) if name else self._candidates(coll))
+        return (name or p.algorithm), max(1, int(p.pipeline))
+
+    # -- the collectives -----------------------------------------------------
+
+    def all_reduce(self, t: torch.Tensor, op: object = "sum", algorithm: str = AUTO, async_op: bool = False):
+        check_tensor("t", t, self.device, self.backend)
+        red = check_op(op, t.dtype)
+        return self._call(Collective.ALL_REDUCE, algorithm, red, t, None, None, async_op)
+
+    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op: object = "sum",
+                       algorithm: str = AUTO, async_op: bool = False):
+        check_tensor("out", out, self.device, self.backend)
+        check_tensor("inp", inp, self.device, self.backend)
+        check_pair("out", out, "inp", inp, (self.size, 1))
+        check_no_alias("inp", inp, "out", out, allowed=_block(inp, self.rank, self.size))
+        red = check_op(op, out.dtype)
+        return self._call(Collective.REDUCE_SCATTER, algorithm, red, out, inp, None, async_op)
+
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, algorithm: str = AUTO, async_op: bool = False):
+        check_tensor("out", out, self.device, self.backend)
+        check_tensor("inp", inp, self.device, self.backend)
+        check_pair("out", out, "inp", inp, (1, self.size))
+        check_no_alias("out", out, "inp", inp, allowed=_block(out, self.rank, self.size))
+        return self._call(Collective.ALL_GATHER, algorithm, None, out, inp, None, async_op)
+
+    def broadcast(self, t: torch.Tensor, src: int = 0, algorithm: str = AUTO, async_op: bool = False):
+        check_tensor("t", t, self.device, self.backend)
+        check_rank("src", src, self.size)
+        return self._call(Collective.BROADCAST, algorithm, None, t, None, src, async_op)
+
+    def reduce(self, t: torch.Tensor, dst: int = 0, op: object = "sum", algorithm: str = AUTO,
+               async_op: bool = False):
+        check_tensor("t", t, self.device, self.backend)
+        check_rank("dst", dst, self.size)
+        red = check_op(op, t.dtype)
+        return self._call(Collective.REDUCE, algorithm, red, t, None, dst, async_op)
+
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, algorithm: str = AUTO, async_op: bool = False):
+        check_tensor("out", out, self.device, self.backend)
+        check_tensor("inp", inp, self.device, self.backend)
+        check_pair("out", out, "inp", inp, (1, 1))
+        if inp.numel() % self.size:
+            raise ValueError(f"inp: all_to_all needs numel() divisible by the group size {self.size}, got {inp.numel()}")
+        check_no_alias("out", out, "inp", inp)
+        return self._call(Collective.ALL_TO_ALL, algorithm, None, out, inp, None, async_op)
+
+    def _call(self, coll: Collective, algorithm: object, red: Reduction | None, out: torch.Tensor,
+              inp: torch.Tensor | None, root: int | None, async_op: bool):
+        nbytes = (inp if coll in (Collective.REDUCE_SCATTER, Collective.ALL_TO_ALL) else out)
+        nbytes = nbytes.numel() * nbytes.element_size()
+        name, pipeline = self._select(coll, nbytes, out.dtype, algorithm)
+        if self._debug:
+            self._check_same_call(coll, out, red, algorithm, root)
+        self._seq += 1
+        if out.numel() == 0:  # nothing moves; every rank has the same count
+            return Handle(out) if async_op else out
+
+        def run() -> None:
+            with torch.no_grad():
+                o, i = out.view(-1), (inp.view(-1) if inp is not None else None)
+                if name == algorithms.NATIVE:
+                    run_native(coll, self.group, self.backend, red, o, i, root)
+                else:
+                    sched = algorithms.build(name, coll, self.size, root, self._nodes, pipeline)
+                    run_collective(self._executor, sched, red, o, i)
+
+        return self._dispatch(run, out, (out, inp), async_op)
+
+    # -- point to point ------------------------------------------------------
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        self.isend(t, dst).wait()
+
+    def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        self.irecv(t, src).wait()
+        return t
+
+    def isend(self, t: torch.Tensor, dst: int) -> Handle:
+        check_tensor("t", t, self.device, self.backend)
+        check_rank("dst", dst, self.size, self.rank)
+        self._drain()
+        s, _ = self._executor.transport.post([(dst, t)], [])
+        return Handle(t, waits=s)
+
+    def irecv(self, t: torch.Tensor, src: int) -> Handle:
+        check_tensor("t", t, self.device, self.backend)
+        check_rank("src", src, self.size, self.rank)
+        self._drain()
+        _, r = self._executor.transport.post([], [(src, t)])
+        return Handle(t, waits=r)
+
+    def barrier(self) -> None:
+        self._drain()
+        if self.backend == "nccl":
+            dist.barrier(group=self.group, device_ids=[self.device.index])
+        else:
+            dist.barrier(group=self.group)
+
+    # -- helpers -------------------------------------------------------------
+
+    def exchange_json(self, obj: object) -> list:
+        """Every rank's ``obj`` (JSON-able), in rank order. Metadata travels as JSON bytes, never pickle."""
+        self._drain()
+        data = json.dumps(obj, sort_keys=True).encode()
+        dev = self.device
+        size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+        sizes = torch.empty(self.size, dtype=torch.int64, device=dev)
+        _all_gather(sizes, size, group=self.group)
+        lens = sizes.tolist()
+        m = max(lens)
+        buf = torch.zeros(m, dtype=torch.uint8)
+        if data:
+            buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        allb = torch.empty(m * self.size, dtype=torch.uint8, device=dev)
+        _all_gather(allb, buf.to(dev), group=self.group)
+        raw = allb.cpu().numpy().tobytes()
+        return [json.loads(raw[i * m:i * m + n]) for i, n in enumerate(lens)]
+
+    def _check_same_call(self, coll: Collective, out: torch.Tensor, red: Reduction | None,
+                         algorithm: object, root: int | None) -> None:
+        mine = {"seq": self._seq, "op": coll.value, "dtype": str(out.dtype).replace("torch.", ""),
+                "count": out.numel(), "algorithm": algorithm, "reduction": red.value if red else None, "root": root}
+        calls = self.exchange_json(mine)
+        if any(c != calls[0] for c in calls):
+            lines = "\n".join(f"  rank {r}: {json.dumps(c, sort_keys=True)}" for r, c in enumerate(calls))
+            raise CollectiveMismatchError(f"collective mismatch at call #{self._seq} between ranks:\n{lines}")
+
+    def _dispatch(self, run: Callable[[], None], result: torch.Tensor,
+                  tensors: tuple[torch.Tensor | None, ...], async_op: bool):
+        if self._stream is not None:
+            cur = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(cur)
+            with torch.cuda.stream(self._stream):
+                run()
+            if not async_op:
+                cur.wait_stream(self._stream)
+                return result
+            for t in tensors:
+                if t is not None:
+                    t.record_stream(self._stream)
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+            return Handle(result, event=ev)
+        if not async_op:
+            self._drain()
+            run()
+            return result
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="topocomm")
+        fut = self._worker.submit(run)
+        self._pending.append(fut)
+        return Handle(result, future=fut)
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def synchronize(self) -> None:
+        """Wait for every queued asynchronous collective (CPU) or for the communicator's stream (CUDA)."""
+        self._drain()
+        if self._stream is not None:
+            self._stream.synchronize()
+
+
+def _block(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    m = t.numel() // size
+    return t.view(-1)[rank * m:(rank + 1) * m]
+
+
+def _collective(op: object) -> Collective:
+    try:
+        return Collective(op)
+    except ValueError:
+        raise ValueError(f"op: unknown collective {op!r}; use one of {', '.join(c.value for c in Collective)}") from None

@@ -1,0 +1,24 @@
+"""The public API on gloo: bad inputs, async handles, point-to-point, debug mismatch checks."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_bad_inputs_fail_fast_and_name_the_argument(pool, size):
+    for problems in pool.run(size, "tests.cases:bad_inputs"):
+        assert problems == []
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_async_and_point_to_point(pool, size):
+    for problems in pool.run(size, "tests.cases:async_and_p2p"):
+        assert problems == []
+
+
+def test_debug_mode_reports_mismatched_calls_on_every_rank(pool):
+    messages = pool.run(3, "tests.cases:mismatch", env={"TOPOCOMM_DEBUG": "1"}, timeout=60)
+    for msg in messages:
+        assert "mismatch" in msg
+        assert "rank 0" in msg and "rank 1" in msg and '"count": 11' in msg

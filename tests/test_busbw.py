@@ -1,0 +1,257 @@
+"""benchmarks.busbw: parsing, busbw arithmetic, the nccl-tests layout, the check, and a real sweep."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import _report
+from benchmarks._ops import OPS, AllReduce, check_input, count_wrong
+from benchmarks._sweep import Measurement, Result, Settings, check, run_size
+from benchmarks.busbw import expand_algorithms, parse_args, parse_size, size_range
+from collectives import algorithms
+from collectives.ops import Reduction
+from collectives.schedule import Collective
+
+ROOT = Path(__file__).resolve().parent.parent
+ANCHORS = Path("/work/shared/anchors")
+ROW_KEYS = {"op", "algorithm", "bytes", "count", "dtype", "time_us", "algbw", "busbw", "wrong", "predicted_us",
+            "in_place"}
+
+
+# -- command line ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, value", [("1024", 1024), ("1K", 1024), ("1k", 1024), ("64M", 64 << 20),
+                                         ("1G", 1 << 30), ("1.5K", 1536), ("16MiB", 16 << 20), ("4KB", 4096)])
+def test_sizes_parse_like_nccl_tests(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "K", "1X", "-1K", "1 K B"])
+def test_bad_sizes_are_rejected(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size(text)
+
+
+def test_size_steps():
+    assert size_range(1024, 64 << 20, 4, 0) == tuple(1024 * 4 ** k for k in range(9))
+    assert size_range(1024, 16 << 20, 4, 0)[-1] == 16 << 20
+    assert size_range(1024, 5000, 2, 0) == (1024, 2048, 4096)
+    assert size_range(1 << 20, 3 << 20, 1, 1 << 20) == (1 << 20, 2 << 20, 3 << 20)  # -f 1: add -i
+    assert size_range(4096, 4096, 2, 0) == (4096,)
+    for bad in [(2048, 1024, 2, 0), (1024, 2048, 1, 0), (0, 1024, 2, 0)]:
+        with pytest.raises(ValueError):
+            size_range(*bad)
+
+
+def test_algo_all_expands_per_op_and_adds_auto():
+    plan, notes = expand_algorithms("all", ["all_reduce", "reduce_scatter", "sendrecv"])
+    assert plan["all_reduce"] == [*algorithms.supported(Collective.ALL_REDUCE), "auto"]
+    assert plan["reduce_scatter"] == [*algorithms.supported(Collective.REDUCE_SCATTER), "auto"]
+    assert {"ring", "native"} <= set(plan["all_reduce"]) and plan["sendrecv"] == ["native"]
+    assert notes == []
+
+
+def test_algo_list_keeps_order_and_notes_what_an_op_lacks():
+    plan, notes = expand_algorithms("native,ring", ["all_reduce", "all_to_all"])
+    assert plan == {"all_reduce": ["native", "ring"], "all_to_all": ["native"]}
+    assert len(notes) == 1 and "all_to_all" in notes[0] and "ring" in notes[0]
+    with pytest.raises(ValueError, match="unknown"):
+        expand_algorithms("ring,warp_drive", ["all_reduce"])
+    with pytest.raises(ValueError, match="no requested algorithm"):
+        expand_algorithms("tree", ["all_to_all"])
+
+
+def test_parse_args_defaults_and_flags():
+    o = parse_args(["--op", "all_reduce,reduce_scatter", "--algo", "ring,native", "-b", "1K", "-e", "64M", "-f", "4",
+                    "-n", "7", "-w", "2", "-c", "0", "-o", "max", "-d", "half", "-r", "1", "-a", "1",
+                    "--nproc", "3", "--json", "x.json"])
+    s = o.settings
+    assert list(o.plan) == ["all_reduce", "reduce_scatter"] and o.plan["all_reduce"] == ["ring", "native"]
+    assert s.sizes[0] == 1024 and s.sizes[-1] == 64 << 20 and len(s.sizes) == 9
+    assert (s.iters, s.warmup, s.check, s.red, s.dtype, s.root, s.aggregate) == \
+        (7, 2, False, Reduction.MAX, torch.float16, 1, 1)
+    assert o.nproc == 3 and o.json == Path("x.json") and o.plot is None
+    d = parse_args([])
+    assert (d.settings.iters, d.settings.warmup, d.settings.aggregate, d.nproc) == (20, 5, 3, 4)
+    assert list(parse_args(["--op", "all"]).plan) == list(OPS)
+
+
+@pytest.mark.parametrize("argv", [["--op", "all_reduce,nope"], ["-o", "avg", "-d", "int32"], ["-n", "0"],
+                                  ["-b", "1M", "-e", "1K"], ["--algo", "bogus"], ["-d", "complex64"]])
+def test_parse_args_rejects_bad_input(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+
+
+# -- arithmetic and layout ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("op, factor", [("all_reduce", 1.5), ("all_gather", 0.75), ("reduce_scatter", 0.75),
+                                        ("all_to_all", 0.75), ("broadcast", 1.0), ("reduce", 1.0),
+                                        ("sendrecv", 1.0)])
+def test_busbw_factors(op, factor):
+    n = 4
+    assert OPS[op].factor(n) == pytest.approx(factor)
+    algbw, busbw = _report.bandwidths(1 << 30, 1e6, OPS[op].factor(n))  # 1 GiB in 1 s
+    assert algbw == pytest.approx(1.073741824) and busbw == pytest.approx(1.073741824 * factor)
+    assert OPS[op].factor(1) in (0.0, 1.0)
+
+
+def test_size_convention_follows_nccl_tests():
+    # 1 KiB of float on 4 ranks: all_reduce counts 256 elements, the blocked ops 64 per rank.
+    assert dataclasses.astuple(OPS["all_reduce"].layout(1024, 4, 4)) == (1024, 256, 256, 256)
+    ag = OPS["all_gather"].layout(1024, 4, 4)          # size is the output
+    assert (ag.size, ag.count, ag.inp, ag.out) == (1024, 64, 64, 256)
+    rs = OPS["reduce_scatter"].layout(1024, 4, 4)      # size is the input
+    assert (rs.size, rs.count, rs.inp, rs.out) == (1024, 64, 256, 64)
+    a2a = OPS["all_to_all"].layout(1000, 4, 3)         # rounded down to whole blocks
+    assert (a2a.size, a2a.count, a2a.inp, a2a.out) == (996, 83, 249, 249)
+
+
+def test_table_rows_match_the_nccl_tests_layout():
+    anchor = ANCHORS / "nccltests_all_reduce_g4.txt"
+    if not anchor.exists():
+        pytest.skip("no nccl-tests anchors on this machine")
+    lines = anchor.read_text().splitlines()
+    head, row = lines[6:9], lines[9]  # the three header lines and the 1 KiB row
+    buf = io.StringIO()
+    table = _report.Table(Settings((1024,), torch.float32, Reduction.SUM), 4, buf)
+    table.begin(OPS["all_reduce"], "ring")
+    table.row(Result(OPS["all_reduce"].layout(1024, 4, 4), Measurement(24.35, 0), Measurement(24.20, 0), 30.0))
+    table.end()
+    got = buf.getvalue().splitlines()
+    assert got[1] == head[0].rstrip()
+    assert got[2].startswith(head[1].rstrip()) and got[3].startswith(head[2][:len(row)])
+    assert got[4][:len(row)] == row and got[4].endswith("30.00")
+    assert got[-3] == "# Out of bounds values : 0 OK"
+    assert got[-2].startswith("# Avg bus bandwidth    : 0.06")
+
+
+def test_time_column_precision():
+    assert _report.fmt_time(24.354) == "  24.35"
+    assert _report.fmt_time(4540.19) == " 4540.2"
+    assert _report.fmt_time(26123.4) == "  26123"
+
+
+# -- the check -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.uint8])
+@pytest.mark.parametrize("red", list(Reduction))
+def test_check_inputs_reduce_exactly_in_any_order(dtype, red):
+    if red is Reduction.AVG and not dtype.is_floating_point:
+        return
+    n = 5
+    xs = [check_input(1000, r, n, dtype, red) for r in range(n)]
+    fwd = AllReduce().expected(lambda r: xs[r], 0, n, red, 0)
+    bwd = AllReduce().expected(lambda r: xs[n - 1 - r], 0, n, red, 0)
+    assert count_wrong(fwd, bwd, red) == 0
+    assert len(set(xs[0].tolist())) > 1 and not torch.equal(xs[0], xs[1])
+
+
+def test_count_wrong_counts_mismatches():
+    a = torch.arange(10, dtype=torch.float32)
+    b = a.clone()
+    b[[2, 7]] += 1
+    b[9] = float("nan")
+    assert count_wrong(a, b, Reduction.SUM) == 3
+    assert count_wrong(a, a * (1 + 1e-7), Reduction.AVG) == 0  # avg on floats: a few ulp of slack
+    with pytest.raises(ValueError):
+        count_wrong(a, a[:5], None)
+
+
+def corrupted_check(comm, mode: str) -> int:
+    """Runs the check on a ring all-reduce whose result is then damaged (or never written)."""
+    s = Settings((4096,), torch.float32, Reduction.SUM, iters=1, warmup=0)
+    op = AllReduce()
+    lay = op.layout(4096, 4, comm.size)
+    inp, out = op.buffers(lay, False, comm.rank, s.dtype, comm.device)
+    real = op.bind(comm, inp, out, "ring", s.red, 0)
+
+    def damaged() -> None:
+        real()
+        if mode == "corrupt" and comm.rank == 1:
+            out[[3, 500, 1023]] += 1
+        if mode == "stale" and comm.rank == 0:
+            out[:10].copy_(inp[:10])  # the input, not the sum: a missed reduction
+
+    def skipped() -> None:  # a "bad algorithm" that moves nothing
+        pass
+
+    return check(comm, op, skipped if mode == "skip" else damaged, inp, out, s)
+
+
+def test_wrong_counts_a_corrupted_result(pool):
+    assert pool.run(2, "tests.test_busbw:corrupted_check", "none") == [0, 0]
+    assert pool.run(2, "tests.test_busbw:corrupted_check", "corrupt") == [3, 3]
+    stale = pool.run(2, "tests.test_busbw:corrupted_check", "stale")
+    assert stale[0] == stale[1] and 0 < stale[0] <= 10
+    assert pool.run(2, "tests.test_busbw:corrupted_check", "skip") == [2 * 1024, 2 * 1024]
+
+
+def every_op(comm, dtype_name: str, red: str, nbytes: int) -> dict[str, list]:
+    """run_size for every op and algorithm: {op/algorithm: [oop wrong, ip wrong, predicted?]}."""
+    s = Settings((nbytes,), getattr(torch, dtype_name), Reduction(red), root=comm.size - 1, iters=1, warmup=1)
+    got = {}
+    for name, op in OPS.items():
+        for algo in [*op.algorithms(), *(("auto",) if name != "sendrecv" else ())]:
+            r = run_size(comm, op, algo, nbytes, s)
+            got[f"{name}/{algo}"] = [r.out_of_place.wrong, r.in_place.wrong if r.in_place else None,
+                                     r.predicted_us is not None, r.chosen]
+    return got
+
+
+@pytest.mark.parametrize("size, dtype, red, nbytes", [(3, "float32", "sum", 4000), (2, "bfloat16", "max", 1000),
+                                                      (4, "int32", "prod", 4096)])
+def test_every_op_and_algorithm_checks_clean(pool, size, dtype, red, nbytes):
+    results = pool.run(size, "tests.test_busbw:every_op", dtype, red, nbytes)
+    assert all(r == results[0] for r in results)
+    for key, (oop, ip, predicted, chosen) in results[0].items():
+        assert oop == 0, key
+        assert ip in (0, None), key
+        if key.endswith("/auto"):
+            assert chosen in algorithms.names(), key
+        if not key.startswith("sendrecv"):
+            assert predicted, key
+
+
+# -- a real sweep through the command line --------------------------------------------
+
+
+def test_tiny_sweep_with_nproc_writes_json_and_plot(tmp_path):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    env = {**os.environ, "RES_OPTIONS": "timeout:1 attempts:1"}
+    for k in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_PROCID"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "benchmarks.busbw", "--op", "all_reduce,reduce_scatter", "--algo", "all",
+           "-b", "1K", "-e", "4K", "-f", "4", "-n", "2", "-w", "1", "--nproc", "2", "--timeout", "60",
+           "--json", str(out), "--plot", str(png)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "# Out of bounds values : 0 OK" in p.stdout and "# Avg bus bandwidth" in p.stdout
+    assert "Summary all_reduce" in p.stdout
+    doc = json.loads(out.read_text())
+    h = doc["header"]
+    assert h["world_size"] == 2 and h["backend"] == "gloo" and h["torch"] == torch.__version__
+    assert {"hostname", "cpu", "date", "command", "nccl"} <= set(h)
+    rows = doc["rows"]
+    assert rows and all(set(r) == ROW_KEYS for r in rows)
+    assert all(r["wrong"] == 0 for r in rows)
+    assert {r["algorithm"] for r in rows if r["op"] == "all_reduce"} == \
+        {*algorithms.supported(Collective.ALL_REDUCE), "auto"}
+    assert {r["bytes"] for r in rows} == {1024, 4096} and {r["in_place"] for r in rows} == {False, True}
+    r = next(r for r in rows if r["op"] == "all_reduce" and r["algorithm"] == "ring")
+    assert r["busbw"] == pytest.approx(r["algbw"] * 1.0) and r["algbw"] == pytest.approx(
+        r["bytes"] / r["time_us"] / 1e3)
+    assert png.stat().st_size > 10_000

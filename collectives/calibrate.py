@@ -136,6 +136,8 @@ def fit(rows: list[dict[str, Any]], topo: Topology, backend: str, base: Params |
     ours = [r for r in rows if r["algorithm"] != "native" and r["bytes"] >= min_bytes]
     if ours:
         params = _fit_theta(ours, topo, backend, params)
+    if backend != "nccl":
+        params = _fit_native_step(rows, topo, backend, params, min_bytes)
     model = CostModel(topo, backend, profile=params)
     ratios = {f'{r["op"]}/{r["algorithm"]}/{r["bytes"]}':
               model.predict(r["op"], r["bytes"], r["algorithm"]) / (r["time_us"] * 1e-6)
@@ -166,6 +168,25 @@ def _fit_theta(rows: list[dict[str, Any]], topo: Topology, backend: str, params:
     return _params(params, theta)
 
 
+def _fit_native_step(rows: list[dict[str, Any]], topo: Topology, backend: str, params: Params,
+                     min_bytes: int) -> Params:
+    """The backend's own per-step cost, with the link parameters fixed: prices native at other world sizes."""
+    from .model import evaluate, native_structs
+    model = CostModel(topo, backend, profile=replace(params, native={}))
+    theta, num, den = model._theta("float32"), 0.0, 0.0
+    for r in rows:
+        if r["algorithm"] != "native" or r["bytes"] < min_bytes:
+            continue
+        t, S = r["time_us"] * 1e-6, np.array([float(r["bytes"])])
+        _, struct = native_structs(backend, model._lay, Collective(r["op"]))[0]
+        struct = struct()
+        base = evaluate(struct, theta, S, step=0.0)[0]
+        steps = (evaluate(struct, theta, S, step=1.0)[0] - base)
+        num += steps * (t - base) / t ** 2
+        den += steps ** 2 / t ** 2
+    return replace(params, native_step=max(num / den, 0.0)) if den else params
+
+
 def _params(p: Params, theta: np.ndarray) -> Params:
     return replace(p, step_overhead=float(theta[0]), intra_alpha=float(theta[1]), inter_alpha=float(theta[2]),
                    intra_bandwidth=float(1 / theta[3]), inter_bandwidth=float(1 / theta[4]),
@@ -178,3 +199,134 @@ def load_rows(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, A
     if isinstance(doc, list):
         return {}, doc
     return doc.get("header", {}), doc.get("rows", doc.get("results", []))
+
+
+# ---------------------------------------------------------------------------
+# Measuring gloo on this host (the busbw benchmark does the same, and more, on any backend)
+# ---------------------------------------------------------------------------
+
+BUSBW_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
+                "all_gather": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
+                "broadcast": lambda n: 1.0, "reduce": lambda n: 1.0}
+
+
+def _time_one(comm, op: str, algo: str, nbytes: int, budget_s: float) -> float:
+    import time
+
+    import torch
+    import torch.distributed as dist
+    n, count = comm.size, nbytes // 4
+    big, small = torch.ones(count), torch.ones(count // n)
+    call = {"all_reduce": lambda: comm.all_reduce(big, algorithm=algo),
+            "reduce_scatter": lambda: comm.reduce_scatter(small, big, algorithm=algo),
+            "all_gather": lambda: comm.all_gather(big, small, algorithm=algo),
+            "broadcast": lambda: comm.broadcast(big, 0, algorithm=algo),
+            "reduce": lambda: comm.reduce(big, 0, algorithm=algo),
+            "all_to_all": lambda: comm.all_to_all(big, big.clone(), algorithm=algo)}[op]
+    call()  # warm-up (and schedule build)
+    iters, spent = 0, 0.0
+    dist.barrier()
+    while True:
+        t0 = time.perf_counter()
+        call()
+        spent += time.perf_counter() - t0
+        iters += 1
+        flag = torch.tensor([float(spent >= budget_s or iters >= 20)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank stops after the same iteration
+        if flag.item():
+            break
+    mean = torch.tensor([spent / iters])
+    dist.all_reduce(mean, op=dist.ReduceOp.MAX)
+    return float(mean.item())
+
+
+def _measure_worker(rank: int, n: int, port: int, cells: list, out: str, budget_s: float) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from .communicator import Communicator
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
+    topo = Topology.local(n)
+    comm = Communicator(topology=topo, profile=default_params(topo, "gloo"))
+    rows = []
+    for op, algo, nbytes in cells:
+        t = _time_one(comm, op, algo, nbytes, budget_s)
+        algbw = nbytes / t / 1e9
+        rows.append({"op": op, "algorithm": algo, "bytes": nbytes, "count": nbytes // 4, "dtype": "float32",
+                     "time_us": t * 1e6, "algbw": algbw, "busbw": algbw * BUSBW_FACTOR[op](n), "wrong": 0,
+                     "predicted_us": None, "in_place": op in ("all_reduce", "broadcast", "reduce")})
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def measure_local(nproc: int = 4, sizes: tuple[int, ...] = (64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20),
+                  ops: tuple[str, ...] | None = None, budget_s: float = 0.2,
+                  repeats: int = 3) -> tuple[dict[str, Any], list[dict]]:
+    """Times every (op, algorithm, size) with ``nproc`` local gloo ranks; busbw-style header and rows.
+
+    Each cell is timed in ``repeats`` passes and keeps its fastest: on a shared
+    machine, other processes only ever add time.
+    """
+    import platform
+    import socket
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from . import algorithms
+    ops = ops or tuple(c.value for c in Collective)
+    cells = [(op, a, s) for op in ops for a in algorithms.supported(Collective(op)) for s in sizes] * repeats
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "rows.json")
+        mp.spawn(_measure_worker, args=(nproc, port, cells, out, budget_s), nprocs=nproc, join=True)
+        best: dict[tuple, dict] = {}
+        for row in json.loads(Path(out).read_text()):
+            key = (row["op"], row["algorithm"], row["bytes"])
+            if key not in best or row["time_us"] < best[key]["time_us"]:
+                best[key] = row
+        rows = list(best.values())
+    header = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
+              "backend": "gloo", "world_size": nproc, "torch": torch.__version__,
+              "method": f"mean of up to 20 iterations (max over ranks), fastest of {repeats} passes",
+              "load_average": os.getloadavg()}
+    return header, rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m collectives.calibrate",
+                                 description="measure local gloo sweeps and fit a cost-model profile")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure", help="time every op and algorithm with local gloo ranks")
+    m.add_argument("--nproc", type=int, default=4)
+    m.add_argument("--json", required=True, help="write {header, rows} here")
+    f = sub.add_parser("fit", help="fit a profile to busbw JSON rows")
+    f.add_argument("rows", help="busbw JSON ({header, rows} or a list of rows)")
+    f.add_argument("--save", required=True, help="profile to write")
+    f.add_argument("--backend", default=None)
+    a = ap.parse_args(argv)
+    if a.cmd == "measure":
+        header, rows = measure_local(a.nproc)
+        Path(a.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+        print(f"{len(rows)} rows -> {a.json}")
+        return
+    header, rows = load_rows(a.rows)
+    backend = a.backend or header.get("backend", "gloo")
+    topo = Topology.local(int(header.get("world_size") or 4))
+    params, summary = fit(rows, topo, backend)
+    meta = {k: v for k, v in summary.items() if k != "ratios"}
+    meta.update(header=header, note="fitted by collectives.calibrate from " + Path(a.rows).name)
+    save_profile(a.save, params, hardware_key(topo, backend), meta)
+    for key, r in sorted(summary["ratios"].items()):
+        print(f"{key:45s} predicted/measured {r:6.2f}")
+    print(f"within 25%: {100 * summary['within_25pct']:.0f}% of {summary['rows']} rows -> {a.save}")
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import algorithms
-from .execute import DEFAULT_MAX_SEGMENT_BYTES, Executor, run_collective
+from .execute import CUDA_MAX_SEGMENT_BYTES, DEFAULT_MAX_SEGMENT_BYTES, Executor, run_collective
 from .native import _all_gather, run_native
 from .ops import Reduction
 from .schedule import Collective
@@ -109,7 +109,8 @@ class Communicator:
             self.device = torch.device("cpu")
             self._stream = None
         self.timeout = _as_timedelta(timeout)
-        seg = max_segment_bytes or int(os.environ.get("TOPOCOMM_MAX_SEGMENT_BYTES", DEFAULT_MAX_SEGMENT_BYTES))
+        default_seg = CUDA_MAX_SEGMENT_BYTES if self.backend == "nccl" else DEFAULT_MAX_SEGMENT_BYTES
+        seg = max_segment_bytes or int(os.environ.get("TOPOCOMM_MAX_SEGMENT_BYTES", default_seg))
         self._executor = Executor(TorchTransport(self.group, self.timeout), seg)
         self._overrides = _parse_overrides(os.environ.get("TOPOCOMM_ALGO", ""))
         self._debug = os.environ.get("TOPOCOMM_DEBUG", "") not in ("", "0")

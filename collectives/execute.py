@@ -1,8 +1,9 @@
 """The executor: runs any Schedule on a Transport. The only code that moves bytes.
 
-For each step of this rank it posts every transfer of the step at once (one
-grouped call on NCCL), cut into segments of at most ``max_segment_bytes``;
-overwriting receives land directly in the work buffer, reducing receives land
+For each step of this rank it cuts every transfer into segments of at most
+``max_segment_bytes`` and posts them as groups (segment k of every transfer;
+one grouped NCCL call per group on GPU, issued from a side stream).
+Overwriting receives land directly in the work buffer; reducing receives land
 in a scratch buffer and are combined segment by segment as each arrives, so
 the reduction of segment k overlaps the transfer of the later ones.
 
@@ -18,25 +19,41 @@ rank, so all-reduce results are bitwise identical everywhere.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from .ops import Reduction
-from .schedule import Buffer, Collective, Recv, Schedule, Send
+from .schedule import Buffer, Collective, Schedule, Send
 from .transport import Transport
 
 DEFAULT_MAX_SEGMENT_BYTES = 4 << 20
+CUDA_MAX_SEGMENT_BYTES = 32 << 20  # NCCL groups are costlier to launch than gloo requests
 
 
 def _segments(lo: int, hi: int, seg: int) -> list[tuple[int, int]]:
     return [(a, min(a + seg, hi)) for a in range(lo, hi, seg)]
 
 
+@dataclass(slots=True)
+class _Group:
+    """Segment k of every transfer of a step: posted together, then its receives are combined."""
+    sends: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    recvs: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    combines: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (recv index, dst, src)
+
+
 class Executor:
+    """Runs schedules for one rank. On CUDA, transfers are issued from a side stream and
+    reductions run on the caller's current stream, so segment k+1 travels while segment k
+    is reduced; on CPU every segment is its own request and gloo's threads move them."""
+
     def __init__(self, transport: Transport, max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES) -> None:
         if max_segment_bytes <= 0:
             raise ValueError(f"max_segment_bytes must be positive, got {max_segment_bytes}")
         self.transport = transport
         self.max_segment_bytes = max_segment_bytes
+        self._issue: dict[torch.device, torch.cuda.Stream] = {}
 
     def run(self, schedule: Schedule, work: torch.Tensor, red: Reduction | None = None,
             inp: torch.Tensor | None = None) -> None:
@@ -45,9 +62,14 @@ class Executor:
         bounds = schedule.bounds(work.numel())
         seg = max(1, self.max_segment_bytes // max(1, work.element_size()))
         scratch = self._scratch(schedule, rank, bounds, work)
+        cuda = work.device.type == "cuda"
         for step in schedule.steps(rank):
             if step.ops:
-                self._step(step.ops, bounds, seg, work, inp, scratch, red)
+                groups, ordered = self._plan_step(step.ops, bounds, seg, work, inp, scratch)
+                if cuda:
+                    self._step_cuda(groups, ordered, red, work.device)
+                else:
+                    self._step_host(groups, ordered, red)
 
     @staticmethod
     def _scratch(schedule: Schedule, rank: int, bounds: list[int], work: torch.Tensor) -> torch.Tensor | None:
@@ -55,13 +77,21 @@ class Executor:
                     for st in schedule.steps(rank)), default=0)
         return torch.empty(need, dtype=work.dtype, device=work.device) if need else None
 
-    def _step(self, ops, bounds: list[int], seg: int, work: torch.Tensor, inp: torch.Tensor | None,
-              scratch: torch.Tensor | None, red: Reduction | None) -> None:
-        sends: list[tuple[int, torch.Tensor]] = []
+    @staticmethod
+    def _plan_step(ops, bounds: list[int], seg: int, work: torch.Tensor, inp: torch.Tensor | None,
+                   scratch: torch.Tensor | None) -> tuple[list[_Group], bool]:
+        """Cut the step's transfers into segment groups. ``ordered`` is False when a reduction
+        lands in a chunk this step also sends (rule 1): then all sends must finish first."""
+        groups: list[_Group] = []
         sent: set[int] = set()
-        recvs: list[tuple[int, torch.Tensor]] = []
-        combines: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (recv index, dst, src)
+        reduced: set[int] = set()
         used = 0
+
+        def group(k: int) -> _Group:
+            while len(groups) <= k:
+                groups.append(_Group())
+            return groups[k]
+
         for op in ops:
             lo, hi = bounds[op.start], bounds[op.stop]
             if hi == lo:
@@ -69,34 +99,64 @@ class Executor:
             if isinstance(op, Send):
                 src = inp if op.buffer is Buffer.INPUT else work
                 assert src is not None
-                sends.extend((op.peer, src[a:b]) for a, b in _segments(lo, hi, seg))
+                for k, (a, b) in enumerate(_segments(lo, hi, seg)):
+                    group(k).sends.append((op.peer, src[a:b]))
                 if op.buffer is Buffer.WORK:
                     sent.update(range(op.start, op.stop))
             elif op.reduce:
-                for a, b in _segments(lo, hi, seg):
+                reduced.update(range(op.start, op.stop))
+                for k, (a, b) in enumerate(_segments(lo, hi, seg)):
+                    g = group(k)
                     buf = scratch[used + a - lo:used + b - lo]  # type: ignore[index]
-                    combines.append((len(recvs), work[a:b], buf))
-                    recvs.append((op.peer, buf))
+                    g.combines.append((len(g.recvs), work[a:b], buf))
+                    g.recvs.append((op.peer, buf))
                 used += hi - lo
             else:
-                recvs.extend((op.peer, work[a:b]) for a, b in _segments(lo, hi, seg))
-        sends_overlap = any(isinstance(o, Recv) and o.reduce and sent.intersection(range(o.start, o.stop))
-                            for o in ops)
-        swaits, rwaits = self.transport.post(sends, recvs)
-        if combines and sends_overlap:
-            for w in swaits:  # rule 1: a send must not see this step's reductions
+                for k, (a, b) in enumerate(_segments(lo, hi, seg)):
+                    group(k).recvs.append((op.peer, work[a:b]))
+        return groups, not (sent & reduced)
+
+    def _step_host(self, groups: list[_Group], ordered: bool, red: Reduction | None) -> None:
+        posted = [self.transport.post(g.sends, g.recvs) for g in groups]
+        if not ordered:
+            for swaits, _ in posted:
+                for w in swaits:
+                    w.wait()
+        for g, (swaits, rwaits) in zip(groups, posted):
+            waited = set()
+            for i, dst, src in g.combines:  # in listed order: the order the verifier proved
+                rwaits[i].wait()
+                waited.add(i)
+                red.combine(dst, src)  # type: ignore[union-attr]
+            for i, w in enumerate(rwaits):  # a gloo work must be waited exactly once
+                if i not in waited:
+                    w.wait()
+        if ordered:
+            for swaits, _ in posted:
+                for w in swaits:
+                    w.wait()
+
+    def _step_cuda(self, groups: list[_Group], ordered: bool, red: Reduction | None, device: torch.device) -> None:
+        main = torch.cuda.current_stream(device)
+        issue = self._issue.get(device)
+        if issue is None:
+            issue = self._issue[device] = torch.cuda.Stream(device)
+        issue.wait_stream(main)  # this step's sends read what earlier steps reduced
+        with torch.cuda.stream(issue):
+            posted = [self.transport.post(g.sends, g.recvs) for g in groups]
+        # Waits below are stream waits: main waits for the transfer, no host blocking.
+        if not ordered:
+            for swaits, _ in posted:
+                for w in swaits:
+                    w.wait()
+        for g, (_, rwaits) in zip(groups, posted):
+            for w in rwaits:
                 w.wait()
-            swaits = []
-        waited = set()
-        for i, dst, src in combines:  # in listed order: the order the verifier proved
-            rwaits[i].wait()
-            waited.add(i)
-            red.combine(dst, src)  # type: ignore[union-attr]
-        for i, w in enumerate(rwaits):  # a gloo work must be waited exactly once
-            if i not in waited:
+            for _, dst, src in g.combines:
+                red.combine(dst, src)  # type: ignore[union-attr]
+        for swaits, _ in posted:
+            for w in swaits:
                 w.wait()
-        for w in swaits:
-            w.wait()
 
 
 def finish_average(t: torch.Tensor, red: Reduction | None, size: int) -> None:

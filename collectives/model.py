@@ -454,16 +454,25 @@ def hierarchical_struct(lay: _Layout, nodes: tuple[tuple[int, ...], ...]) -> Str
     return _collect(parts)
 
 
-def pairwise_struct(lay: _Layout, all_at_once: bool = False) -> Struct:
-    """All-to-all: in round s rank r sends its block to r+s (or every block in one round)."""
+def direct_struct(lay: _Layout, coll: Collective) -> Struct:
+    """algorithms/direct.py: every rank sends 1/n to every other at once (reduce-scatter reduces
+    the n-1 arrivals; all-reduce is reduce-scatter then all-gather)."""
+    n = len(lay.node)
+    if n < 2:
+        return ()
+    src = np.repeat(np.arange(n), n - 1)
+    dst = (src + np.tile(np.arange(1, n), n)) % n
+    rs = round_lines(lay, src, dst, 1 / n, np.arange(n), (n - 1) / n)
+    ag = round_lines(lay, src, dst, 1 / n)
+    return _collect({Collective.REDUCE_SCATTER: [rs], Collective.ALL_GATHER: [ag]}.get(coll, [rs, ag]))
+
+
+def pairwise_struct(lay: _Layout) -> Struct:
+    """algorithms/pairwise.py: in round s rank r sends its block for r+s to r+s."""
     n = len(lay.node)
     if n < 2:
         return ()
     r = np.arange(n)
-    if all_at_once:
-        src = np.repeat(r, n - 1)
-        dst = (src + np.tile(np.arange(1, n), n)) % n
-        return _collect([round_lines(lay, src, dst, 1 / n)])
     # No reductions, so a round's lines are its busiest port per tier: vectorise over all rounds.
     src = np.broadcast_to(r, (n - 1, n))
     dst = (src + np.arange(1, n)[:, None]) % n
@@ -565,7 +574,7 @@ def native_structs(backend: str, lay: _Layout, coll: Collective) -> list[tuple[s
                  C.ALL_GATHER: ("ring", lambda: ring_struct(lay, C.ALL_GATHER)),
                  C.BROADCAST: ("binomial", lambda: binomial_struct(lay, 1, False)),
                  C.REDUCE: ("ring-rs+gather", lambda: join(ring_struct(lay, C.REDUCE_SCATTER), gather_struct(lay))),
-                 C.ALL_TO_ALL: ("all-at-once", lambda: pairwise_struct(lay, True))}[coll]]
+                 C.ALL_TO_ALL: ("all-at-once", lambda: direct_struct(lay, C.ALL_GATHER))}[coll]]
     # MPICH (Thakur, Rabenseifner & Gropp 2005): the families its thresholds switch between.
     fam = {C.ALL_REDUCE: [("recursive-doubling", lambda: hd_struct(lay, coll, full=True)),
                           ("rabenseifner", lambda: hd_struct(lay, coll)),
@@ -775,6 +784,9 @@ def _structure(lay: _Layout, nodes: tuple, coll: Collective, algorithm: str, pip
             ("halving_doubling", C.REDUCE_SCATTER): lambda: hd_struct(lay, coll),
             ("halving_doubling", C.ALL_GATHER): lambda: hd_struct(lay, coll),
             ("hierarchical", C.ALL_REDUCE): lambda: hierarchical_struct(lay, nodes),
+            ("direct", C.ALL_REDUCE): lambda: direct_struct(lay, coll),
+            ("direct", C.REDUCE_SCATTER): lambda: direct_struct(lay, coll),
+            ("direct", C.ALL_GATHER): lambda: direct_struct(lay, coll),
             ("pairwise", C.ALL_TO_ALL): lambda: pairwise_struct(lay)}.get((algorithm, coll))
     out = fast() if fast is not None and not _GENERIC_ONLY else None
     if out is not None:

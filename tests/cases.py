@@ -81,7 +81,8 @@ def run_one(comm, coll: str, algorithm: str, dtype: torch.dtype, op: str, count:
     """Run one collective on this rank's input; return what the caller sees as the result."""
     size, rank = comm.size, comm.rank
     numel_in = count * size if coll in _BLOCKED_IN else count
-    x = make_input(dtype, op, numel_in, rank, size, seed)
+    dev = comm.device
+    x = make_input(dtype, op, numel_in, rank, size, seed).to(dev)
     kw = {"algorithm": algorithm}
     if coll == "all_reduce":
         comm.all_reduce(x, op=op, **kw)
@@ -93,20 +94,20 @@ def run_one(comm, coll: str, algorithm: str, dtype: torch.dtype, op: str, count:
         comm.broadcast(x, src=root, **kw)
         return x
     if coll == "reduce_scatter":
-        out = x[rank * count:(rank + 1) * count] if in_place else torch.empty(count, dtype=dtype)
+        out = x[rank * count:(rank + 1) * count] if in_place else torch.empty(count, dtype=dtype, device=dev)
         comm.reduce_scatter(out, x, op=op, **kw)
         return out.clone()
     if coll == "all_gather":
         if in_place:
-            out = torch.empty(count * size, dtype=dtype)
+            out = torch.empty(count * size, dtype=dtype, device=dev)
             out[rank * count:(rank + 1) * count].copy_(x)
             comm.all_gather(out, out[rank * count:(rank + 1) * count], **kw)
         else:
-            out = torch.empty(count * size, dtype=dtype)
+            out = torch.empty(count * size, dtype=dtype, device=dev)
             comm.all_gather(out, x, **kw)
         return out
     if coll == "all_to_all":
-        out = torch.empty(count * size, dtype=dtype)
+        out = torch.empty(count * size, dtype=dtype, device=dev)
         comm.all_to_all(out, x, **kw)
         return out
     raise ValueError(coll)
@@ -135,7 +136,7 @@ def sweep(comm, cases: list[tuple]) -> list[tuple[str, str | None]]:
         # Small cases run with tiny segments so the multi-segment paths are exercised too.
         comm._executor.max_segment_bytes = 256 if count <= 1000 else default_segment
         try:
-            got = run_one(comm, coll, algo, dtype, op, count, root, seed, in_place)
+            got = run_one(comm, coll, algo, dtype, op, count, root, seed, in_place).cpu()
             want = expected(coll, dtype, op, count, comm.rank, comm.size, root, seed)
             if got.dtype != want.dtype or got.shape != want.shape:
                 err = f"shape/dtype {tuple(got.shape)}/{got.dtype}, expected {tuple(want.shape)}/{want.dtype}"
@@ -182,7 +183,8 @@ def bad_inputs(comm) -> list[str]:
         ("dst", ValueError, lambda: comm.reduce(f, dst=n + 3)),
         ("dst", ValueError, lambda: comm.send(f, dst=comm.rank)),
         ("src", ValueError, lambda: comm.recv(f, src=n)),
-        ("inp", ValueError, lambda: comm.all_to_all(torch.zeros(4 * n + 1), torch.zeros(4 * n + 1))),
+        ("inp", TypeError, lambda: comm.all_to_all(torch.zeros(4 * n), torch.zeros(4 * n, dtype=torch.int64))),
+        ("inp", ValueError, lambda: comm.all_to_all(torch.zeros(4 * n), torch.zeros(4 * n + 4))),
         ("nbytes", ValueError, lambda: comm.plan("all_reduce", -1)),
         ("op", ValueError, lambda: comm.plan("allreduce", 1024)),
     ]

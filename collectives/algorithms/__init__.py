@@ -11,7 +11,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from ..schedule import Collective, Schedule
-from . import halving_doubling, hierarchical, pairwise, ring, tree
+from . import direct, halving_doubling, hierarchical, pairwise, ring, tree
 
 NATIVE = "native"
 
@@ -34,6 +34,9 @@ _REGISTRY: dict[tuple[str, Collective], _Builder] = {
         lambda n, root, nodes, k: halving_doubling.halving_doubling_all_gather(n),
     ("hierarchical", Collective.ALL_REDUCE): lambda n, root, nodes, k: hierarchical.hierarchical_all_reduce(n, nodes),
     ("pairwise", Collective.ALL_TO_ALL): lambda n, root, nodes, k: pairwise.pairwise_all_to_all(n),
+    ("direct", Collective.ALL_REDUCE): lambda n, root, nodes, k: direct.direct_all_reduce(n),
+    ("direct", Collective.REDUCE_SCATTER): lambda n, root, nodes, k: direct.direct_reduce_scatter(n),
+    ("direct", Collective.ALL_GATHER): lambda n, root, nodes, k: direct.direct_all_gather(n),
 }
 
 

@@ -1,0 +1,40 @@
+"""The correctness sweep on real GPUs over NCCL, one process per GPU.
+
+    torchrun --nproc-per-node 4 -m tests.gpu_sweep
+
+Runs the same cases as the gloo sweep (tests/test_collectives.py) with CUDA
+tensors, checks every rank's result against the local reference, and exits
+non-zero on any failure. tests/test_cuda.py drives it on 2 and all GPUs.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import collectives as C
+from tests.cases import sweep
+from tests.test_collectives import _check, cases_for
+
+
+def main() -> int:
+    comm = C.init(timeout=300)
+    cases = cases_for(comm.size)
+    t0 = time.perf_counter()
+    mine = sweep(comm, cases)
+    comm.synchronize()
+    results = comm.exchange_json(mine)
+    took = time.perf_counter() - t0
+    if comm.rank != 0:
+        return 0
+    try:
+        _check(results, cases)
+    except AssertionError as e:
+        print(f"gpu sweep on {comm.size} ranks ({comm.backend}): FAILED\n{e}", flush=True)
+        return 1
+    print(f"gpu sweep on {comm.size} ranks ({comm.backend}): {len(cases)} cases passed in {took:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

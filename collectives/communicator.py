@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from . import algorithms
 from .execute import CUDA_MAX_SEGMENT_BYTES, DEFAULT_MAX_SEGMENT_BYTES, Executor, run_collective
+from .graphs import GraphCache
 from .native import _all_gather, run_native
 from .ops import Reduction
 from .schedule import Collective
@@ -105,9 +106,11 @@ class Communicator:
         if self.backend == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
             self._stream: torch.cuda.Stream | None = torch.cuda.Stream(self.device)
+            self._graphs: GraphCache | None = GraphCache(self._stream)
         else:
             self.device = torch.device("cpu")
             self._stream = None
+            self._graphs = None
         self.timeout = _as_timedelta(timeout)
         default_seg = CUDA_MAX_SEGMENT_BYTES if self.backend == "nccl" else DEFAULT_MAX_SEGMENT_BYTES
         seg = max_segment_bytes or int(os.environ.get("TOPOCOMM_MAX_SEGMENT_BYTES", default_seg))
@@ -226,6 +229,10 @@ class Communicator:
                     sched = algorithms.build(name, coll, self.size, root, self._nodes, pipeline)
                     run_collective(self._executor, sched, red, o, i)
 
+        if self._graphs is not None and name != algorithms.NATIVE:
+            key = (coll, name, pipeline, red, root, out.dtype, out.data_ptr(), out.numel(),
+                   inp.data_ptr() if inp is not None else 0, inp.numel() if inp is not None else 0)
+            run = self._graphs.wrap(key, nbytes, run)
         return self._dispatch(run, out, (out, inp), async_op)
 
     # -- point to point ------------------------------------------------------

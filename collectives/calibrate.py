@@ -51,8 +51,16 @@ def hardware_key(topo: Topology, backend: str) -> dict[str, Any]:
     key: dict[str, Any] = {"backend": backend, "device": topo.devices[0] if topo.devices else "cpu",
                            "fabric": topo.fabric}
     if key["device"] == "cpu":
-        key["cpus"] = os.cpu_count() or 1
+        key["cpus"] = usable_cpus()
     return key
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's or taskset's limit, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def find_profile(topo: Topology, backend: str) -> Params | None:
@@ -215,29 +223,71 @@ def _time_one(comm, op: str, algo: str, nbytes: int, budget_s: float) -> float:
 
     import torch
     import torch.distributed as dist
-    n, count = comm.size, nbytes // 4
-    big, small = torch.ones(count), torch.ones(count // n)
+    n, count, dev = comm.size, nbytes // 4, comm.device
+    big, small = torch.ones(count, device=dev), torch.ones(count // n, device=dev)
+    other = big.clone() if op == "all_to_all" else None
     call = {"all_reduce": lambda: comm.all_reduce(big, algorithm=algo),
             "reduce_scatter": lambda: comm.reduce_scatter(small, big, algorithm=algo),
             "all_gather": lambda: comm.all_gather(big, small, algorithm=algo),
             "broadcast": lambda: comm.broadcast(big, 0, algorithm=algo),
             "reduce": lambda: comm.reduce(big, 0, algorithm=algo),
-            "all_to_all": lambda: comm.all_to_all(big, big.clone(), algorithm=algo)}[op]
+            "all_to_all": lambda: comm.all_to_all(big, other, algorithm=algo)}[op]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     call()  # warm-up (and schedule build)
+    sync()
     iters, spent = 0, 0.0
-    dist.barrier()
+    dist.barrier(group=comm.group)
     while True:
         t0 = time.perf_counter()
         call()
+        sync()
         spent += time.perf_counter() - t0
         iters += 1
-        flag = torch.tensor([float(spent >= budget_s or iters >= 20)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank stops after the same iteration
+        flag = torch.tensor([float(spent >= budget_s or iters >= 20)], device=dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=comm.group)  # all ranks stop together
         if flag.item():
             break
-    mean = torch.tensor([spent / iters])
-    dist.all_reduce(mean, op=dist.ReduceOp.MAX)
+    mean = torch.tensor([spent / iters], device=dev)
+    dist.all_reduce(mean, op=dist.ReduceOp.MAX, group=comm.group)
     return float(mean.item())
+
+
+def _cells(ops: tuple[str, ...] | None, sizes: tuple[int, ...], repeats: int) -> list[tuple[str, str, int]]:
+    from . import algorithms
+    ops = ops or tuple(c.value for c in Collective)
+    return [(op, a, s) for op in ops for a in algorithms.supported(Collective(op)) for s in sizes] * repeats
+
+
+def _rows(comm, cells: list, budget_s: float) -> list[dict[str, Any]]:
+    rows = []
+    for op, algo, nbytes in cells:
+        t = _time_one(comm, op, algo, nbytes, budget_s)
+        algbw = nbytes / t / 1e9
+        rows.append({"op": op, "algorithm": algo, "bytes": nbytes, "count": nbytes // 4, "dtype": "float32",
+                     "time_us": t * 1e6, "algbw": algbw, "busbw": algbw * BUSBW_FACTOR[op](comm.size),
+                     "wrong": 0, "predicted_us": comm.model.predict(op, nbytes, algo) * 1e6,
+                     "in_place": op in ("all_reduce", "broadcast", "reduce")})
+    return rows
+
+
+def _fastest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row["op"], row["algorithm"], row["bytes"])
+        if key not in best or row["time_us"] < best[key]["time_us"]:
+            best[key] = row
+    return list(best.values())
+
+
+def _header(backend: str, n: int, repeats: int) -> dict[str, Any]:
+    import platform
+
+    import torch
+    gpu = torch.cuda.get_device_name(0) if backend == "nccl" else None
+    return {"machine": f"{platform.node()} ({usable_cpus()} CPUs{', ' + gpu if gpu else ''})",
+            "backend": backend, "world_size": n, "torch": torch.__version__,
+            "method": f"mean of up to 20 iterations (max over ranks), fastest of {repeats} passes",
+            "load_average": os.getloadavg()}
 
 
 def _measure_worker(rank: int, n: int, port: int, cells: list, out: str, budget_s: float) -> None:
@@ -249,13 +299,7 @@ def _measure_worker(rank: int, n: int, port: int, cells: list, out: str, budget_
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
     topo = Topology.local(n)
     comm = Communicator(topology=topo, profile=default_params(topo, "gloo"))
-    rows = []
-    for op, algo, nbytes in cells:
-        t = _time_one(comm, op, algo, nbytes, budget_s)
-        algbw = nbytes / t / 1e9
-        rows.append({"op": op, "algorithm": algo, "bytes": nbytes, "count": nbytes // 4, "dtype": "float32",
-                     "time_us": t * 1e6, "algbw": algbw, "busbw": algbw * BUSBW_FACTOR[op](n), "wrong": 0,
-                     "predicted_us": None, "in_place": op in ("all_reduce", "broadcast", "reduce")})
+    rows = _rows(comm, cells, budget_s)
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
     dist.destroy_process_group()
@@ -269,33 +313,30 @@ def measure_local(nproc: int = 4, sizes: tuple[int, ...] = (64 << 10, 256 << 10,
     Each cell is timed in ``repeats`` passes and keeps its fastest: on a shared
     machine, other processes only ever add time.
     """
-    import platform
     import socket
     import tempfile
 
-    import torch
     import torch.multiprocessing as mp
-
-    from . import algorithms
-    ops = ops or tuple(c.value for c in Collective)
-    cells = [(op, a, s) for op in ops for a in algorithms.supported(Collective(op)) for s in sizes] * repeats
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "rows.json")
-        mp.spawn(_measure_worker, args=(nproc, port, cells, out, budget_s), nprocs=nproc, join=True)
-        best: dict[tuple, dict] = {}
-        for row in json.loads(Path(out).read_text()):
-            key = (row["op"], row["algorithm"], row["bytes"])
-            if key not in best or row["time_us"] < best[key]["time_us"]:
-                best[key] = row
-        rows = list(best.values())
-    header = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
-              "backend": "gloo", "world_size": nproc, "torch": torch.__version__,
-              "method": f"mean of up to 20 iterations (max over ranks), fastest of {repeats} passes",
-              "load_average": os.getloadavg()}
-    return header, rows
+        mp.spawn(_measure_worker, args=(nproc, port, _cells(ops, sizes, repeats), out, budget_s),
+                 nprocs=nproc, join=True)
+        rows = _fastest(json.loads(Path(out).read_text()))
+    return _header("gloo", nproc, repeats), rows
+
+
+def measure_launched(sizes: tuple[int, ...] = (64 << 10, 1 << 20, 16 << 20, 256 << 20, 1 << 30),
+                     ops: tuple[str, ...] | None = None, budget_s: float = 0.1,
+                     repeats: int = 2) -> tuple[dict[str, Any], list[dict], Topology] | None:
+    """The same under torchrun/mpirun (NCCL on GPUs): returns (header, rows, detected topology) on rank 0."""
+    from .bootstrap import init
+    comm = init()
+    comm.model = CostModel(comm.topology, comm.backend, profile=default_params(comm.topology, comm.backend))
+    rows = _fastest(_rows(comm, _cells(ops, sizes, repeats), budget_s))
+    return (_header(comm.backend, comm.size, repeats), rows, comm.topology) if comm.rank == 0 else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -312,13 +353,21 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--backend", default=None)
     a = ap.parse_args(argv)
     if a.cmd == "measure":
-        header, rows = measure_local(a.nproc)
+        if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+            got = measure_launched()
+            if got is None:
+                return
+            header, rows, topo = got
+            header["topology"] = topo.to_json()
+        else:
+            header, rows = measure_local(a.nproc)
         Path(a.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
         print(f"{len(rows)} rows -> {a.json}")
         return
     header, rows = load_rows(a.rows)
     backend = a.backend or header.get("backend", "gloo")
-    topo = Topology.local(int(header.get("world_size") or 4))
+    topo = (Topology.from_json(header["topology"]) if "topology" in header
+            else Topology.local(int(header.get("world_size") or 4)))
     params, summary = fit(rows, topo, backend)
     meta = {k: v for k, v in summary.items() if k != "ratios"}
     meta.update(header=header, note="fitted by collectives.calibrate from " + Path(a.rows).name)

@@ -35,7 +35,7 @@ from .native import _all_gather, run_native
 from .ops import Reduction
 from .schedule import Collective
 from .transport import TorchTransport
-from .validate import check_no_alias, check_op, check_pair, check_rank, check_tensor
+from .validate import check_compress, check_no_alias, check_op, check_pair, check_rank, check_tensor
 
 AUTO = "auto"
 
@@ -167,19 +167,24 @@ class Communicator:
 
     # -- the collectives -----------------------------------------------------
 
-    def all_reduce(self, t: torch.Tensor, op: object = "sum", algorithm: str = AUTO, async_op: bool = False):
+    def all_reduce(self, t: torch.Tensor, op: object = "sum", algorithm: str = AUTO, async_op: bool = False,
+                   compress: str | None = None):
+        """In-place all-reduce. ``compress="bf16"|"fp16"`` sends a float32/float64 tensor rounded to
+        16 bits while reducing in the tensor's dtype (see README, Numerics, for the error bound)."""
         check_tensor("t", t, self.device, self.backend)
         red = check_op(op, t.dtype)
-        return self._call(Collective.ALL_REDUCE, algorithm, red, t, None, None, async_op)
+        wire = check_compress(compress, t.dtype)
+        return self._call(Collective.ALL_REDUCE, algorithm, red, t, None, None, async_op, wire)
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op: object = "sum",
-                       algorithm: str = AUTO, async_op: bool = False):
+                       algorithm: str = AUTO, async_op: bool = False, compress: str | None = None):
         check_tensor("out", out, self.device, self.backend)
         check_tensor("inp", inp, self.device, self.backend)
         check_pair("out", out, "inp", inp, (self.size, 1))
         check_no_alias("inp", inp, "out", out, allowed=_block(inp, self.rank, self.size))
         red = check_op(op, out.dtype)
-        return self._call(Collective.REDUCE_SCATTER, algorithm, red, out, inp, None, async_op)
+        wire = check_compress(compress, out.dtype)
+        return self._call(Collective.REDUCE_SCATTER, algorithm, red, out, inp, None, async_op, wire)
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, algorithm: str = AUTO, async_op: bool = False):
         check_tensor("out", out, self.device, self.backend)
@@ -210,10 +215,10 @@ class Communicator:
         return self._call(Collective.ALL_TO_ALL, algorithm, None, out, inp, None, async_op)
 
     def _call(self, coll: Collective, algorithm: object, red: Reduction | None, out: torch.Tensor,
-              inp: torch.Tensor | None, root: int | None, async_op: bool):
+              inp: torch.Tensor | None, root: int | None, async_op: bool, wire: torch.dtype | None = None):
         nbytes = (inp if coll in (Collective.REDUCE_SCATTER, Collective.ALL_TO_ALL) else out)
-        nbytes = nbytes.numel() * nbytes.element_size()
-        name, pipeline = self._select(coll, nbytes, out.dtype, algorithm)
+        nbytes = nbytes.numel() * (nbytes.element_size() if wire is None else wire.itemsize)
+        name, pipeline = self._select(coll, nbytes, wire or out.dtype, algorithm)
         if self._debug:
             self._check_same_call(coll, out, red, algorithm, root)
         self._seq += 1
@@ -224,13 +229,13 @@ class Communicator:
             with torch.no_grad():
                 o, i = out.view(-1), (inp.view(-1) if inp is not None else None)
                 if name == algorithms.NATIVE:
-                    run_native(coll, self.group, self.backend, red, o, i, root)
+                    run_native(coll, self.group, self.backend, red, o, i, root, wire)
                 else:
                     sched = algorithms.build(name, coll, self.size, root, self._nodes, pipeline)
-                    run_collective(self._executor, sched, red, o, i)
+                    run_collective(self._executor, sched, red, o, i, wire)
 
         if self._graphs is not None and name != algorithms.NATIVE:
-            key = (coll, name, pipeline, red, root, out.dtype, out.data_ptr(), out.numel(),
+            key = (coll, name, pipeline, red, root, out.dtype, wire, out.data_ptr(), out.numel(),
                    inp.data_ptr() if inp is not None else 0, inp.numel() if inp is not None else 0)
             run = self._graphs.wrap(key, nbytes, run)
         return self._dispatch(run, out, (out, inp), async_op)

@@ -40,7 +40,10 @@ class _Group:
     """Segment k of every transfer of a step: posted together, then its receives are combined."""
     sends: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     recvs: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    combines: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (recv index, dst, src)
+    # (recv index, dst, src, wire copy of dst or None): dst (op)= src once receive i is in
+    combines: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    # (recv index, dst, src): dst.copy_(src) once receive i is in (compressed overwrites)
+    copies: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class Executor:
@@ -56,30 +59,39 @@ class Executor:
         self._issue: dict[torch.device, torch.cuda.Stream] = {}
 
     def run(self, schedule: Schedule, work: torch.Tensor, red: Reduction | None = None,
-            inp: torch.Tensor | None = None) -> None:
-        """Run this rank's steps of ``schedule`` on the flat, contiguous ``work`` buffer."""
+            inp: torch.Tensor | None = None, wire_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """Run this rank's steps of ``schedule`` on the flat, contiguous ``work`` buffer.
+
+        With ``wire_dtype`` (compression), data travels as a rounded copy ``wire``
+        of the work buffer: sends read it, receives land in it (or in a scratch of
+        that dtype), reductions accumulate in the work buffer's dtype and refresh
+        the wire copy. Returns the wire buffer, which holds every chunk's last
+        rounded value (the same on every rank), or None without compression.
+        """
         rank = self.transport.rank
         bounds = schedule.bounds(work.numel())
-        seg = max(1, self.max_segment_bytes // max(1, work.element_size()))
-        scratch = self._scratch(schedule, rank, bounds, work)
+        wire = work.to(wire_dtype) if wire_dtype is not None and wire_dtype != work.dtype else None
+        seg = max(1, self.max_segment_bytes // max(1, (wire if wire is not None else work).element_size()))
+        scratch = self._scratch(schedule, rank, bounds, work if wire is None else wire)
         cuda = work.device.type == "cuda"
         for step in schedule.steps(rank):
             if step.ops:
-                groups, ordered = self._plan_step(step.ops, bounds, seg, work, inp, scratch)
+                groups, ordered = self._plan_step(step.ops, bounds, seg, work, inp, scratch, wire)
                 if cuda:
                     self._step_cuda(groups, ordered, red, work.device)
                 else:
                     self._step_host(groups, ordered, red)
+        return wire
 
     @staticmethod
-    def _scratch(schedule: Schedule, rank: int, bounds: list[int], work: torch.Tensor) -> torch.Tensor | None:
+    def _scratch(schedule: Schedule, rank: int, bounds: list[int], like: torch.Tensor) -> torch.Tensor | None:
         need = max((sum(bounds[o.stop] - bounds[o.start] for o in st.recvs if o.reduce)
                     for st in schedule.steps(rank)), default=0)
-        return torch.empty(need, dtype=work.dtype, device=work.device) if need else None
+        return torch.empty(need, dtype=like.dtype, device=like.device) if need else None
 
     @staticmethod
     def _plan_step(ops, bounds: list[int], seg: int, work: torch.Tensor, inp: torch.Tensor | None,
-                   scratch: torch.Tensor | None) -> tuple[list[_Group], bool]:
+                   scratch: torch.Tensor | None, wire: torch.Tensor | None) -> tuple[list[_Group], bool]:
         """Cut the step's transfers into segment groups. ``ordered`` is False when a reduction
         lands in a chunk this step also sends (rule 1): then all sends must finish first."""
         groups: list[_Group] = []
@@ -97,7 +109,7 @@ class Executor:
             if hi == lo:
                 continue
             if isinstance(op, Send):
-                src = inp if op.buffer is Buffer.INPUT else work
+                src = inp if op.buffer is Buffer.INPUT else (work if wire is None else wire)
                 assert src is not None
                 for k, (a, b) in enumerate(_segments(lo, hi, seg)):
                     group(k).sends.append((op.peer, src[a:b]))
@@ -108,12 +120,17 @@ class Executor:
                 for k, (a, b) in enumerate(_segments(lo, hi, seg)):
                     g = group(k)
                     buf = scratch[used + a - lo:used + b - lo]  # type: ignore[index]
-                    g.combines.append((len(g.recvs), work[a:b], buf))
+                    g.combines.append((len(g.recvs), work[a:b], buf, None if wire is None else wire[a:b]))
                     g.recvs.append((op.peer, buf))
                 used += hi - lo
-            else:
+            elif wire is None:
                 for k, (a, b) in enumerate(_segments(lo, hi, seg)):
                     group(k).recvs.append((op.peer, work[a:b]))
+            else:
+                for k, (a, b) in enumerate(_segments(lo, hi, seg)):
+                    g = group(k)
+                    g.copies.append((len(g.recvs), work[a:b], wire[a:b]))
+                    g.recvs.append((op.peer, wire[a:b]))
         return groups, not (sent & reduced)
 
     def _step_host(self, groups: list[_Group], ordered: bool, red: Reduction | None) -> None:
@@ -124,13 +141,18 @@ class Executor:
                     w.wait()
         for g, (swaits, rwaits) in zip(groups, posted):
             waited = set()
-            for i, dst, src in g.combines:  # in listed order: the order the verifier proved
-                rwaits[i].wait()
-                waited.add(i)
+            for i, dst, src, wire in g.combines:  # in listed order: the order the verifier proved
+                if i not in waited:
+                    rwaits[i].wait()
+                    waited.add(i)
                 red.combine(dst, src)  # type: ignore[union-attr]
+                if wire is not None:
+                    wire.copy_(dst)
             for i, w in enumerate(rwaits):  # a gloo work must be waited exactly once
                 if i not in waited:
                     w.wait()
+            for _, dst, src in g.copies:
+                dst.copy_(src)
         if ordered:
             for swaits, _ in posted:
                 for w in swaits:
@@ -152,8 +174,12 @@ class Executor:
         for g, (_, rwaits) in zip(groups, posted):
             for w in rwaits:
                 w.wait()
-            for _, dst, src in g.combines:
+            for _, dst, src, wire in g.combines:
                 red.combine(dst, src)  # type: ignore[union-attr]
+                if wire is not None:
+                    wire.copy_(dst)
+            for _, dst, src in g.copies:
+                dst.copy_(src)
         for swaits, _ in posted:
             for w in swaits:
                 w.wait()
@@ -165,18 +191,23 @@ def finish_average(t: torch.Tensor, red: Reduction | None, size: int) -> None:
 
 
 def run_collective(ex: Executor, schedule: Schedule, red: Reduction | None,
-                   out: torch.Tensor, inp: torch.Tensor | None = None) -> None:
+                   out: torch.Tensor, inp: torch.Tensor | None = None,
+                   wire_dtype: torch.dtype | None = None) -> None:
     """Set up the work buffer for ``schedule.collective``, run it, and finish (copy-out, avg).
 
     ``out`` and ``inp`` are flat views of the caller's tensors. all-reduce and
     broadcast work in place on ``out``; reduce-scatter reduces a copy of the
     input; all-gather and all-to-all gather straight into ``out``; reduce
-    leaves non-root inputs untouched by reducing into a copy.
+    leaves non-root inputs untouched by reducing into a copy. ``wire_dtype``
+    (all-reduce and reduce-scatter) compresses what travels; an all-reduce then
+    ends with the rounded values every rank holds alike.
     """
     rank, n = ex.transport.rank, schedule.world_size
     coll = schedule.collective
     if coll is Collective.ALL_REDUCE:
-        ex.run(schedule, out, red)
+        wire = ex.run(schedule, out, red, wire_dtype=wire_dtype)
+        if wire is not None:
+            out.copy_(wire)
         finish_average(out, red, n)
     elif coll is Collective.BROADCAST:
         ex.run(schedule, out)
@@ -188,7 +219,7 @@ def run_collective(ex: Executor, schedule: Schedule, red: Reduction | None,
     elif coll is Collective.REDUCE_SCATTER:
         assert inp is not None
         work = inp.clone()
-        ex.run(schedule, work, red)
+        ex.run(schedule, work, red, wire_dtype=wire_dtype)
         m = out.numel()
         out.copy_(work[rank * m:(rank + 1) * m])
         finish_average(out, red, n)

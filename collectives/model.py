@@ -35,8 +35,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -106,16 +105,19 @@ def _theta(p: Params, dtype_slow: float = 1.0) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Layout:
-    """Rank -> node and rank -> global NIC index, as arrays."""
+    """Rank -> node and rank -> global NIC index, as arrays; ``mesh`` is the number of peers a
+    device's NVLinks are split between on a switchless NVLink fabric (0: a switch, any pair at full port)."""
     node: np.ndarray
     nic: np.ndarray
+    mesh: int
     key: tuple
 
     @classmethod
     def of(cls, topo: Topology) -> _Layout:
         node = np.array(topo.node_of(), dtype=np.int64)
         nic = node * max(topo.nics_per_node, 1) + np.array(topo.nic_of(), dtype=np.int64)
-        return cls(node, nic, (tuple(map(tuple, topo.nodes)), topo.nics_per_node))
+        mesh = max(len(n) for n in topo.nodes) - 1 if topo.fabric == "nvlink" else 0
+        return cls(node, nic, mesh, (tuple(map(tuple, topo.nodes)), topo.nics_per_node, mesh))
 
 
 Struct = tuple[tuple[int, np.ndarray], ...]  # ((count, lines (m, 3)), ...)
@@ -135,6 +137,11 @@ def edge_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.
     prx = np.where(inter, n + lay.nic[dst], dst)
     m = n + int(lay.nic.max()) + 1
     load = np.maximum(np.bincount(ptx, frac, m)[ptx], np.bincount(prx, frac, m)[prx])
+    if lay.mesh and len(src):  # a full NVLink mesh: each pair has 1/mesh of a device's links
+        pair = src * n + dst
+        uniq, idx = np.unique(pair, return_inverse=True)
+        on_pair = np.bincount(idx.ravel(), frac)[idx.ravel()] * lay.mesh
+        load = np.where(inter, load, np.maximum(load, on_pair))
     return np.column_stack([inter.astype(float), load])
 
 
@@ -147,7 +154,8 @@ def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np
         np.add.at(red, np.asarray(red_rank, np.int64), np.broadcast_to(red_frac, np.shape(red_rank)))
     src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
     e = edge_lines(lay, src, dst, frac)
-    lines = [np.column_stack([e, red[src]]), np.column_stack([e, red[dst]])]
+    # Both ends of a transfer wait for it; the end that also reduces more finishes last.
+    lines = [np.column_stack([e, np.maximum(red[src], red[dst])])]
     busy = np.zeros(n, bool)
     busy[src] = True
     busy[dst] = True
@@ -158,18 +166,15 @@ def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np
 
 
 def _pareto(lines: np.ndarray) -> np.ndarray:
-    """Drop lines that another line of the same tier beats in both f and r."""
-    lines = np.unique(np.round(lines, 12), axis=0)
+    """Drop lines that another line of the same tier beats in both f and r (vectorised)."""
+    lines = np.round(lines, 12)
     keep = []
     for t in np.unique(lines[:, 0]):
         sub = lines[lines[:, 0] == t]
         sub = sub[np.lexsort((-sub[:, 2], -sub[:, 1]))]  # f descending, then r descending
-        best_r = -1.0
-        for row in sub:
-            if row[2] > best_r:
-                keep.append(row)
-                best_r = row[2]
-    return np.array(keep)
+        best_r = np.maximum.accumulate(np.concatenate([[-1.0], sub[:-1, 2]]))
+        keep.append(sub[sub[:, 2] > best_r])
+    return np.concatenate(keep)
 
 
 def _collect(rounds: list[np.ndarray]) -> Struct:
@@ -483,6 +488,8 @@ def pairwise_struct(lay: _Layout) -> Struct:
     prx = np.where(inter, n + lay.nic[dst], dst) + off
     load = np.maximum(np.bincount(ptx.ravel(), minlength=m * (n - 1))[ptx],
                       np.bincount(prx.ravel(), minlength=m * (n - 1))[prx]) / n
+    if lay.mesh:  # one transfer per pair a round, over that pair's share of the links
+        load = np.where(inter, load, np.maximum(load, lay.mesh / n))
     counts: Counter = Counter()
     for a, b in zip(np.where(inter, 0.0, load).max(axis=1), np.where(inter, load, 0.0).max(axis=1)):
         counts[tuple(row for row in ((0.0, a, 0.0), (1.0, b, 0.0)) if row[1] > 0)] += 1
@@ -650,6 +657,7 @@ class CostModel:
         self._nodes = tuple(map(tuple, topology.nodes))
         self._structs: dict[tuple, Struct] = {}
         self._choices: dict[tuple, Plan] = {}
+        self._plans: dict[tuple, Plan] = {}
 
     # -- pricing --------------------------------------------------------------
     def _theta(self, dtype: Any) -> np.ndarray:
@@ -657,11 +665,13 @@ class CostModel:
         return _theta(self.params, _CPU_HALF_SLOWDOWN if half else 1.0)
 
     def struct(self, coll: Collective, algorithm: str, pipeline: int = 1) -> Struct:
-        """Structural lines of our ``algorithm`` (cached; fast paths for known structures)."""
-        key = (coll, algorithm, pipeline)
-        if key not in self._structs:
-            self._structs[key] = _structure(self._lay, self._nodes, coll, algorithm, pipeline)
-        return self._structs[key]
+        """Structural lines of our ``algorithm`` (cached across models of the same layout)."""
+        key = (self._lay.key, coll, algorithm, pipeline, _GENERIC_ONLY)
+        if key not in _STRUCTS:
+            if len(_STRUCTS) > 2048:
+                _STRUCTS.clear()
+            _STRUCTS[key] = _structure(self._lay, self._nodes, coll, algorithm, pipeline)
+        return _STRUCTS[key]
 
     def sweep(self, op: str | Collective, nbytes: Any, algorithm: str, dtype: Any = "float32",
               pipeline: int | None = None) -> np.ndarray:
@@ -717,9 +727,19 @@ class CostModel:
 
     def plan(self, op: str | Collective, nbytes: int, dtype: Any = "float32",
              candidates: tuple[str, ...] | list[str] | None = None) -> Plan:
-        """The algorithm choose() runs for this size, with every alternative priced at exactly ``nbytes``."""
-        pick = self._bucket_plan(Collective(op).value, nbytes, dtype, candidates)
-        return self._exact_plan(Collective(op).value, nbytes, dtype, candidates, pick.algorithm)
+        """The algorithm choose() runs for this size, with every alternative priced at exactly ``nbytes``.
+
+        Cached per exact size: a training loop asks for the same few sizes on every step.
+        """
+        key = (op, int(nbytes), dtype, tuple(candidates) if candidates else None)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 4096:
+                self._plans.clear()
+            op = Collective(op).value
+            pick = self._bucket_plan(op, nbytes, dtype, candidates)
+            plan = self._plans[key] = self._exact_plan(op, nbytes, dtype, candidates, pick.algorithm)
+        return plan
 
     def _exact_plan(self, op, nbytes: int, dtype, candidates, pick: str | None) -> Plan:
         coll = Collective(op)
@@ -796,3 +816,4 @@ def _structure(lay: _Layout, nodes: tuple, coll: Collective, algorithm: str, pip
 
 
 _GENERIC_ONLY = False  # tests flip it to price every algorithm from its Schedule
+_STRUCTS: dict[tuple, Struct] = {}

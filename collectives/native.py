@@ -26,7 +26,13 @@ def _torch_op(red: Reduction, backend: str) -> tuple[dist.ReduceOp, bool]:
 
 
 def run_native(coll: Collective, group: dist.ProcessGroup, backend: str, red: Reduction | None,
-               out: torch.Tensor, inp: torch.Tensor | None, root: int | None) -> None:
+               out: torch.Tensor, inp: torch.Tensor | None, root: int | None,
+               wire: torch.dtype | None = None) -> None:
+    if wire is not None:  # compressed: the backend reduces in the 16-bit wire dtype
+        low_out = out.to(wire)
+        run_native(coll, group, backend, red, low_out, inp.to(wire) if inp is not None else None, root)
+        out.copy_(low_out)
+        return
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     op, divide = _torch_op(red, backend) if red is not None else (None, False)
     if coll is Collective.ALL_REDUCE:

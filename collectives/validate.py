@@ -79,3 +79,18 @@ def check_rank(name: str, r: object, size: int, me: int | None = None) -> int:
     if me is not None and r == me:
         raise ValueError(f"{name}: rank {r} is this rank; point-to-point needs another rank")
     return r
+
+
+_WIRE = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def check_compress(compress: object, dtype: torch.dtype) -> torch.dtype | None:
+    """The wire dtype for ``compress`` (None: no compression)."""
+    if compress is None:
+        return None
+    wire = _WIRE.get(compress) if isinstance(compress, str) else None
+    if wire is None:
+        raise ValueError(f"compress: unknown {compress!r}; use None, 'bf16' or 'fp16'")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"compress: {compress!r} applies to float32/float64 tensors, got {dtype}")
+    return wire

@@ -186,6 +186,8 @@ def bad_inputs(comm) -> list[str]:
         ("inp", TypeError, lambda: comm.all_to_all(torch.zeros(4 * n), torch.zeros(4 * n, dtype=torch.int64))),
         ("inp", ValueError, lambda: comm.all_to_all(torch.zeros(4 * n), torch.zeros(4 * n + 4))),
         ("nbytes", ValueError, lambda: comm.plan("all_reduce", -1)),
+        ("compress", ValueError, lambda: comm.all_reduce(f, compress="int4")),
+        ("compress", ValueError, lambda: comm.all_reduce(i, compress="bf16")),
         ("op", ValueError, lambda: comm.plan("allreduce", 1024)),
     ]
     if n > 1:
@@ -252,3 +254,36 @@ def mismatch(comm) -> str:
     except CollectiveMismatchError as e:
         return str(e)
     return "no error"
+
+
+def compressed(comm, algorithm: str, numel: int, wire: str) -> tuple[str, str]:
+    """Compressed all-reduce and reduce-scatter of float32 data against a float64 reference.
+
+    Bound checked per element: |got - exact| <= (hops + 1) * u * sum_i |x_i|, with u the
+    wire format's unit roundoff (2^-8 bf16, 2^-11 fp16) and hops the world size (the
+    most roundings a partial sum sees on any of our schedules); and the normwise
+    relative error <= 1e-2. Returns (problem or "", digest of the all-reduce result).
+    """
+    n, r = comm.size, comm.rank
+    u = {"bf16": 2.0**-8, "fp16": 2.0**-11}[wire]
+    xs = [torch.randn(numel, generator=torch.Generator().manual_seed(100 + k), dtype=torch.float64) for k in range(n)]
+    exact = torch.stack(xs).sum(0)
+    bound = (n + 1) * u * torch.stack(xs).abs().sum(0)
+    t = xs[r].float().to(comm.device)
+    comm.all_reduce(t, algorithm=algorithm, compress=wire)
+    got = t.cpu().double()
+    problems = []
+    err = (got - exact).abs()
+    if not torch.all(err <= bound):
+        problems.append(f"all_reduce: error {err.max().item():.3g} above the bound")
+    rel = (err.norm() / exact.norm()).item()
+    if rel > 1e-2:
+        problems.append(f"all_reduce: relative error {rel:.3g} > 1e-2")
+    if algorithm in ("ring", "direct", "halving_doubling", "native") and numel % n == 0:
+        out = torch.empty(numel // n, device=comm.device)
+        comm.reduce_scatter(out, xs[r].float().to(comm.device), algorithm=algorithm, compress=wire)
+        m = numel // n
+        e2 = (out.cpu().double() - exact[r * m:(r + 1) * m]).abs()
+        if not torch.all(e2 <= bound[r * m:(r + 1) * m]):
+            problems.append(f"reduce_scatter: error {e2.max().item():.3g} above the bound")
+    return "; ".join(problems), _digest(t.cpu())

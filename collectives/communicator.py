@@ -226,13 +226,12 @@ class Communicator:
             return Handle(out) if async_op else out
 
         def run() -> None:
-            with torch.no_grad():
-                o, i = out.view(-1), (inp.view(-1) if inp is not None else None)
-                if name == algorithms.NATIVE:
-                    run_native(coll, self.group, self.backend, red, o, i, root, wire)
-                else:
-                    sched = algorithms.build(name, coll, self.size, root, self._nodes, pipeline)
-                    run_collective(self._executor, sched, red, o, i, wire)
+            o, i = out.detach().view(-1), (inp.detach().view(-1) if inp is not None else None)
+            if name == algorithms.NATIVE:
+                run_native(coll, self.group, self.backend, red, o, i, root, wire)
+            else:
+                sched = algorithms.build(name, coll, self.size, root, self._nodes, pipeline)
+                run_collective(self._executor, sched, red, o, i, wire)
 
         if self._graphs is not None and name != algorithms.NATIVE:
             key = (coll, name, pipeline, red, root, out.dtype, wire, out.data_ptr(), out.numel(),

@@ -42,14 +42,19 @@ _REGISTRY: dict[tuple[str, Collective], _Builder] = {
 
 def register(name: str, collective: Collective, builder: _Builder) -> None:
     _REGISTRY[(name, collective)] = builder
+    names.cache_clear()
+    supported.cache_clear()
+    build.cache_clear()
 
 
+@lru_cache(maxsize=None)
 def names() -> tuple[str, ...]:
     """Every algorithm name, ``native`` last."""
     seen = dict.fromkeys(name for name, _ in _REGISTRY)
     return tuple(seen) + (NATIVE,)
 
 
+@lru_cache(maxsize=None)
 def supported(collective: Collective) -> tuple[str, ...]:
     return tuple(name for (name, c) in _REGISTRY if c is collective) + (NATIVE,)
 

@@ -41,17 +41,33 @@ class Transport(Protocol):
         ...
 
 
-class _TorchWork:
-    __slots__ = ("work", "timeout")
+class PeerTimeoutError(TimeoutError):
+    """A transfer with ``peer`` did not complete within the communicator's timeout."""
 
-    def __init__(self, work: dist.Work, timeout: datetime.timedelta | None) -> None:
+    def __init__(self, rank: int, peer: int, what: str, cause: BaseException) -> None:
+        super().__init__(f"rank {rank}: {what} with rank {peer} did not complete: rank {peer} stopped answering "
+                         f"or is not making the same call ({cause})")
+        self.rank, self.peer = rank, peer
+
+
+class _TorchWork:
+    __slots__ = ("work", "timeout", "rank", "peer", "what")
+
+    def __init__(self, work: dist.Work, timeout: datetime.timedelta | None, rank: int = -1, peer: int = -1,
+                 what: str = "transfer") -> None:
         self.work, self.timeout = work, timeout
+        self.rank, self.peer, self.what = rank, peer, what
 
     def wait(self) -> None:
-        if self.timeout is None:
-            self.work.wait()
-        else:
-            self.work.wait(self.timeout)
+        try:
+            if self.timeout is None:
+                self.work.wait()
+            else:
+                self.work.wait(self.timeout)
+        except RuntimeError as e:
+            if self.peer < 0:
+                raise
+            raise PeerTimeoutError(self.rank, self.peer, self.what, e) from e
 
 
 class _AllOf:
@@ -94,8 +110,8 @@ class TorchTransport:
                 ws = [_AllOf([_TorchWork(w, None) for w in works])] * len(ops)
             return ws[:len(sends)], ws[len(sends):]
         g = self.group
-        s = [_TorchWork(g.send([t], p, 0), self.timeout) for p, t in sends]
-        r = [_TorchWork(g.recv([t], p, 0), self.timeout) for p, t in recvs]
+        s = [_TorchWork(g.send([t], p, 0), self.timeout, self.rank, p, "send") for p, t in sends]
+        r = [_TorchWork(g.recv([t], p, 0), self.timeout, self.rank, p, "receive") for p, t in recvs]
         return s, r
 
 

@@ -287,3 +287,21 @@ def compressed(comm, algorithm: str, numel: int, wire: str) -> tuple[str, str]:
         if not torch.all(e2 <= bound[r * m:(r + 1) * m]):
             problems.append(f"reduce_scatter: error {e2.max().item():.3g} above the bound")
     return "; ".join(problems), _digest(t.cpu())
+
+
+def dead_peer(comm, timeout_s: float) -> str:
+    """The last rank stops answering; the others must raise within the timeout, naming it."""
+    import time
+
+    from collectives import Communicator
+
+    sub = Communicator(timeout=timeout_s)
+    if comm.rank == comm.size - 1:
+        time.sleep(timeout_s * 2 + 1)  # alive but silent: from the others' view, a dead peer
+        return "silent"
+    t0 = time.monotonic()
+    try:
+        sub.all_reduce(torch.ones(100), algorithm="ring")
+    except TimeoutError as e:
+        return f"{time.monotonic() - t0:.2f}|{e}"
+    return "no error"

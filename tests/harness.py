@@ -168,6 +168,12 @@ class WorkerPool:
                 self.worlds.pop(next(k for k, v in self.worlds.items() if v is w), None)
             raise
 
+    def discard(self, size: int, env: dict[str, str] | None = None) -> None:
+        """Close a world whose state a test spoiled on purpose (e.g. by leaving transfers unmatched)."""
+        w = self.worlds.pop((size, tuple(sorted((env or {}).items()))), None)
+        if w is not None:
+            w.close()
+
     def close(self) -> None:
         while self.worlds:
             _, w = self.worlds.popitem()

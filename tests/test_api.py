@@ -32,3 +32,19 @@ def test_compressed_all_reduce_within_bound_and_identical(pool, size):
             assert all(p == "" for p, _ in results), (algo, wire, results)
             if algo != "native":  # ours: every rank ends with the same rounded values
                 assert len({d for _, d in results}) == 1, (algo, wire)
+
+
+def test_silent_peer_raises_within_timeout_naming_it(pool):
+    timeout = 2.0
+    env = {"TOPOCOMM_TEST_WORLD": "dead-peer"}  # its own world: the unmatched transfers spoil it
+    try:
+        results = pool.run(3, "tests.cases:dead_peer", timeout, env=env, timeout=60)
+    finally:
+        pool.discard(3, env)
+    assert results[2] == "silent"
+    for r in (0, 1):
+        took, msg = results[r].split("|", 1)
+        assert float(took) < timeout + 3, results[r]
+        assert "stopped answering" in msg
+    # in the ring rank 0 receives from rank 2, so rank 0 must name it
+    assert "rank 2" in results[0].split("|", 1)[1]

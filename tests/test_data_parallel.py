@@ -1,0 +1,101 @@
+"""parallel.DataParallel on gloo: training equals one process on the global batch.
+
+The worker cases are in dp_cases.py. Bucket caps of a few hundred bytes (or 16
+bytes: one parameter per bucket) make many buckets out of a tiny model, so the
+ordering, rebuilding and finishing of buckets is exercised on every step.
+Tests are ordered so world sizes 1..4 each start once (the pool keeps three).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import collectives
+
+
+def test_bad_arguments_name_the_argument(pool):
+    for problems in pool.run(1, "tests.dp_cases:bad_arguments"):
+        assert problems == []
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_error_feedback_keeps_errors_from_accumulating(pool, size):
+    for r in pool.run(size, "tests.dp_cases:error_feedback", "bf16"):
+        assert r["ef"] < r["plain"] * (0.25 if size == 1 else 0.75)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_unused_parameters(pool, size):
+    # unused on some ranks (zero contributions), on all ranks (.grad stays None), with either zero_grad mode
+    for set_to_none in (True, False):
+        for problems in pool.run(size, "tests.dp_cases:unused", set_to_none):
+            assert problems == [], f"set_to_none={set_to_none}"
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_training_matches_one_process_on_the_global_batch(pool, size):
+    for opt, bucket_bytes in (("sgd", 16), ("adamw", 300)):
+        results = pool.run(size, "tests.dp_cases:train", opt, bucket_bytes)
+        for r in results:
+            assert r["problems"] == [], (opt, bucket_bytes)
+        assert len({r["digest"] for r in results}) == 1, "ranks' parameters are not bitwise identical"
+        assert all(algo in collectives.ALGORITHMS for algo in results[0]["plans"])
+        # Rebuilt once from rank 0's gradient-ready order, identically everywhere: head (registered
+        # first, used last) now fills the first bucket.
+        layouts = {repr(r["layouts"]) for r in results}
+        assert len(layouts) == 1
+        initial, rebuilt = results[0]["layouts"]
+        names = results[0]["names"]
+        assert names[initial[0][0]].startswith("body.")
+        assert names[rebuilt[0][0]].startswith("head.")
+        if bucket_bytes == 16:
+            assert len(rebuilt) == len(names)  # one parameter per bucket
+
+
+def test_default_communicator(pool):
+    for r in pool.run(2, "tests.dp_cases:train", "sgd", 300, steps=2, default_comm=True):
+        assert r["problems"] == []
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_no_sync_accumulates_locally_then_averages(pool, size):
+    for problems in pool.run(size, "tests.dp_cases:no_sync", "adamw", 100):
+        assert problems == []
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_buffers_come_from_rank_0(pool, size):
+    for problems in pool.run(size, "tests.dp_cases:buffers"):
+        assert problems == []
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("compress", ["bf16", "fp16"])
+def test_compressed_gradients_within_stated_tolerance(pool, size, compress):
+    # Each element within (world + 1) * eps * mean_r |g_r| of the float32 average (eps: 2^-8 bf16, 2^-11 fp16).
+    results = pool.run(size, "tests.dp_cases:compression", compress)
+    for r in results:
+        assert r["worst"] <= 1.0
+    assert len({r["grad_digest"] for r in results}) == 1
+
+
+def test_ranks_wrapping_different_models_fail_with_names(pool):
+    for msg in pool.run(3, "tests.dp_cases:wrong_models"):
+        assert "ranks wrap different models" in msg
+        assert "head.weight [3, 10]" in msg and "rank 2: parameter head.weight [3, 11]" in msg
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_cuda_nccl_two_gpus():
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                           "tests.dp_cases"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

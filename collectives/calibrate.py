@@ -4,9 +4,8 @@ Input is what ``benchmarks.busbw --json`` writes: a header (machine, backend,
 world_size, ...) and rows (op, algorithm, bytes, count, dtype, time_us, algbw,
 busbw, wrong, predicted_us, in_place). Two fits:
 
-- our algorithms: a prediction is linear in
-  theta = [step, alpha_intra, alpha_inter, 1/B_intra, 1/B_inter, 1/R] once each
-  round's slowest line is fixed ([Note: structural lines] in model.py), so
+- our algorithms: a prediction is linear in theta = [call, step, alpha_intra,
+  alpha_inter, 1/B_intra, 1/B_inter, 1/R, 1/B_pair] once each round's slowest line is fixed ([Note: structural lines] in model.py), so
   theta is a non-negative least-squares fit of relative error, re-linearised
   a few times. Columns the rows cannot tell apart keep their defaults
   (alpha_intra is folded into the step overhead; inter-node terms need
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .model import CostModel, Params, _theta, default_params
+from .model import THETA, CostModel, Params, _theta, coefficients, default_params, evaluate, native_structs
 from .schedule import Collective
 from .topology import Topology
 
@@ -108,21 +107,19 @@ def nnls(A: np.ndarray, b: np.ndarray, iters: int = 200) -> np.ndarray:
 
 
 def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, theta: np.ndarray) -> np.ndarray:
-    """d prediction / d theta at ``theta`` (the prediction is theta . features)."""
+    """d prediction / d theta at ``theta`` (the prediction is theta . features; order: model.THETA)."""
     k = model.best_pipeline(coll, int(nbytes), algorithm)
-    x = np.zeros(6)
+    x = np.zeros(len(THETA))
+    x[0] = 1
     for count, L in model.struct(coll, algorithm, k):
-        t = L[:, 0].astype(int)
-        a = theta[0] + np.array([theta[1], theta[2], 0.0])[t]
-        b = L[:, 1] * np.array([theta[3], theta[4], 0.0])[t] + 3 * L[:, 2] * theta[5]
-        j = int(np.argmax(a + b * nbytes))
-        row = np.zeros(6)
-        row[0] = 1
-        if t[j] < 2:
-            row[1 + t[j]] = 1
-            row[3 + t[j]] = L[j, 1] * nbytes
-        row[5] = 3 * L[j, 2] * nbytes
-        x += count * row
+        a, bl, br = coefficients(L, theta)
+        j = int(np.argmax(a + (bl + br) * nbytes))
+        tier = int(L[j, 0])
+        x[1] += count
+        x[6] += count * 3 * L[j, 2] * nbytes
+        if tier != 2:
+            x[2 + (tier == 1)] += count
+            x[{0: 4, 1: 5, 3: 7}[tier]] += count * L[j, 1] * nbytes
     return x
 
 
@@ -157,48 +154,57 @@ def fit(rows: list[dict[str, Any]], topo: Topology, backend: str, base: Params |
 
 
 def _fit_theta(rows: list[dict[str, Any]], topo: Topology, backend: str, params: Params) -> Params:
-    model = CostModel(topo, backend, profile=params)
-    theta = _theta(params)
+    """Re-linearised NNLS from a few starts (which lines bind depends on theta: a pair that starts no
+    slower than its port never binds, so also start with slower pairs); keeps the best relative fit."""
     t = np.array([r["time_us"] * 1e-6 for r in rows])
-    for _ in range(4):
-        X = np.array([features(model, Collective(r["op"]), r["algorithm"], float(r["bytes"]), theta) for r in rows])
-        # alpha_intra rides with the step overhead (same column); fit only columns the rows exercise.
-        free = [j for j in (0, 2, 3, 4, 5) if np.any(X[:, j] > 0)]
-        fixed = [j for j in range(6) if j not in free]
-        rhs = t - X[:, fixed] @ theta[fixed]
-        sol = nnls(X[:, free] / t[:, None], rhs / t)
-        new = theta.copy()
-        new[free] = np.maximum(sol, 1e-30)
-        if np.allclose(new, theta, rtol=1e-4):
-            break
-        theta = new
+    best: tuple[float, np.ndarray] | None = None
+    for slower in (1.0, 2.0, 4.0):
+        theta = _theta(params)
+        theta[7] = max(theta[7], slower * theta[4])
+        for _ in range(8):
+            model = CostModel(topo, backend, profile=_params(params, theta))
+            X = np.array([features(model, Collective(r["op"]), r["algorithm"], float(r["bytes"]), theta)
+                          for r in rows])
+            # alpha_intra rides with the step overhead (the same column on one node); fit what the rows exercise.
+            free = [j for j in (0, 1, 3, 4, 5, 6, 7) if np.any(X[:, j] > 0)]
+            fixed = [j for j in range(len(THETA)) if j not in free]
+            sol = nnls(X[:, free] / t[:, None], (t - X[:, fixed] @ theta[fixed]) / t)
+            new = theta.copy()
+            new[free] = np.maximum(sol, 1e-30)
+            done = np.allclose(new, theta, rtol=1e-6)
+            theta = new
+            if done:
+                break
         model = CostModel(topo, backend, profile=_params(params, theta))
-    return _params(params, theta)
+        err = float(np.sqrt(np.mean([(model.predict(r["op"], r["bytes"], r["algorithm"]) / ti - 1) ** 2
+                                     for r, ti in zip(rows, t)])))
+        if best is None or err < best[0]:
+            best = (err, theta)
+    return _params(params, best[1])
 
 
 def _fit_native_step(rows: list[dict[str, Any]], topo: Topology, backend: str, params: Params,
                      min_bytes: int) -> Params:
     """The backend's own per-step cost, with the link parameters fixed: prices native at other world sizes."""
-    from .model import evaluate, native_structs
     model = CostModel(topo, backend, profile=replace(params, native={}))
     theta, num, den = model._theta("float32"), 0.0, 0.0
     for r in rows:
         if r["algorithm"] != "native" or r["bytes"] < min_bytes:
             continue
         t, S = r["time_us"] * 1e-6, np.array([float(r["bytes"])])
-        _, struct = native_structs(backend, model._lay, Collective(r["op"]))[0]
-        struct = struct()
+        struct = native_structs(backend, model._lay, Collective(r["op"]))[0][1]()
         base = evaluate(struct, theta, S, step=0.0)[0]
-        steps = (evaluate(struct, theta, S, step=1.0)[0] - base)
+        steps = evaluate(struct, theta, S, step=1.0)[0] - base
         num += steps * (t - base) / t ** 2
         den += steps ** 2 / t ** 2
     return replace(params, native_step=max(num / den, 0.0)) if den else params
 
 
 def _params(p: Params, theta: np.ndarray) -> Params:
-    return replace(p, step_overhead=float(theta[0]), intra_alpha=float(theta[1]), inter_alpha=float(theta[2]),
-                   intra_bandwidth=float(1 / theta[3]), inter_bandwidth=float(1 / theta[4]),
-                   reduce_bandwidth=float(1 / theta[5]))
+    return replace(p, call_overhead=float(theta[0]), step_overhead=float(theta[1]), intra_alpha=float(theta[2]),
+                   inter_alpha=float(theta[3]), intra_bandwidth=float(1 / theta[4]),
+                   inter_bandwidth=float(1 / theta[5]), reduce_bandwidth=float(1 / theta[6]),
+                   pair_bandwidth=float(1 / theta[7]))
 
 
 def load_rows(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -95,6 +95,30 @@ class Communicator:
     def __init__(self, group: dist.ProcessGroup | None = None, *,
                  timeout: float | datetime.timedelta | None = None,
                  max_segment_bytes: int | None = None, topology=None, profile=None) -> None:
+        self.timeout = _as_timedelta(timeout)
+        transport = self._connect(group)
+        default_seg = CUDA_MAX_SEGMENT_BYTES if self.backend == "nccl" else DEFAULT_MAX_SEGMENT_BYTES
+        seg = max_segment_bytes or int(os.environ.get("TOPOCOMM_MAX_SEGMENT_BYTES", default_seg))
+        self._executor = Executor(transport, seg)
+        self._overrides = _parse_overrides(os.environ.get("TOPOCOMM_ALGO", ""))
+        self._debug = os.environ.get("TOPOCOMM_DEBUG", "") not in ("", "0")
+        self._seq = 0
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: collections.deque[Future] = collections.deque()
+        from .model import CostModel
+        from .topology import Topology
+
+        self.topology = topology if topology is not None else Topology.detect(self)
+        self.model = CostModel(self.topology, backend=self.backend, profile=profile)
+        self._nodes = tuple(tuple(n) for n in self.topology.nodes)
+
+    def __repr__(self) -> str:
+        return f"Communicator(rank={self.rank}, size={self.size}, backend={self.backend!r})"
+
+    # -- the backend (overridden by collectives.mpi.MpiCommunicator) ----------
+
+    def _connect(self, group: dist.ProcessGroup | None) -> TorchTransport:
+        """Bind to ``group``: set group, rank, size, backend, device, stream; return the executor's transport."""
         if not dist.is_initialized():
             raise RuntimeError("Communicator: torch.distributed is not initialised; call collectives.init() first")
         self.group = group if group is not None else dist.group.WORLD
@@ -111,24 +135,11 @@ class Communicator:
             self.device = torch.device("cpu")
             self._stream = None
             self._graphs = None
-        self.timeout = _as_timedelta(timeout)
-        default_seg = CUDA_MAX_SEGMENT_BYTES if self.backend == "nccl" else DEFAULT_MAX_SEGMENT_BYTES
-        seg = max_segment_bytes or int(os.environ.get("TOPOCOMM_MAX_SEGMENT_BYTES", default_seg))
-        self._executor = Executor(TorchTransport(self.group, self.timeout), seg)
-        self._overrides = _parse_overrides(os.environ.get("TOPOCOMM_ALGO", ""))
-        self._debug = os.environ.get("TOPOCOMM_DEBUG", "") not in ("", "0")
-        self._seq = 0
-        self._worker: ThreadPoolExecutor | None = None
-        self._pending: collections.deque[Future] = collections.deque()
-        from .model import CostModel
-        from .topology import Topology
+        return TorchTransport(self.group, self.timeout)
 
-        self.topology = topology if topology is not None else Topology.detect(self)
-        self.model = CostModel(self.topology, backend=self.backend, profile=profile)
-        self._nodes = tuple(tuple(n) for n in self.topology.nodes)
-
-    def __repr__(self) -> str:
-        return f"Communicator(rank={self.rank}, size={self.size}, backend={self.backend!r})"
+    def _run_native(self, coll: Collective, red: Reduction | None, out: torch.Tensor,
+                    inp: torch.Tensor | None, root: int | None, wire: torch.dtype | None) -> None:
+        run_native(coll, self.group, self.backend, red, out, inp, root, wire)
 
     # -- planning ----------------------------------------------------------
 
@@ -228,7 +239,7 @@ class Communicator:
         def run() -> None:
             o, i = out.detach().view(-1), (inp.detach().view(-1) if inp is not None else None)
             if name == algorithms.NATIVE:
-                run_native(coll, self.group, self.backend, red, o, i, root, wire)
+                self._run_native(coll, red, o, i, root, wire)
             else:
                 sched = algorithms.build(name, coll, self.size, root, self._nodes, pipeline)
                 run_collective(self._executor, sched, red, o, i, wire)

@@ -76,7 +76,9 @@ class Executor:
         cuda = work.device.type == "cuda"
         for step in schedule.steps(rank):
             if step.ops:
-                groups, ordered = self._plan_step(step.ops, bounds, seg, work, inp, scratch, wire)
+                # On CUDA, segments only pay where there are reductions to overlap with transfers.
+                step_seg = seg if not cuda or any(o.reduce for o in step.recvs) else work.numel() + 1
+                groups, ordered = self._plan_step(step.ops, bounds, step_seg, work, inp, scratch, wire)
                 if cuda:
                     self._step_cuda(groups, ordered, red, work.device)
                 else:

@@ -13,13 +13,15 @@ an upper bound where ranks drift).
 
 [Note: structural lines] Pricing is split into a size- and parameter-free
 part, cached per (algorithm, collective, world, nodes), and a cheap evaluation.
-The first reduces every round to a few "lines" (tier, f, r): a transfer over
-tier 0 (intra-node), 1 (inter-node) or 2 (none, reduction only) moving the
-fraction f of the buffer divided by its bandwidth share, while its rank
-reduces the fraction r. With parameters theta, a line costs
-``step + alpha[tier] + (f / B[tier] + 3 r / R) * nbytes``, so the prediction is
-linear in theta once each round's slowest line is known; calibrate.py fits
-theta that way. Identical rounds are stored once with a count, which is how
+The first reduces every round to a few "lines" (tier, f, r): the fraction f
+of the buffer that crosses the busiest resource of a transfer, while its rank
+reduces the fraction r. Tiers: 0 a device's port into the node's fabric,
+1 a NIC, 2 none (a reduction alone), 3 the pair of devices itself (one
+stream between two GPUs does not fill a port: NCCL's p2p runs few channels,
+and on a switchless NVLink mesh a pair owns only its own links). With
+parameters theta a line costs ``step + alpha[tier] + (f / B[tier] + 3 r / R) * nbytes``
+and a call adds a fixed ``call`` overhead, so the prediction is linear in
+theta once each round's slowest line is known; calibrate.py fits theta that way. Identical rounds are stored once with a count, which is how
 a 1,024-rank ring costs one round of work.
 
 Ring, chain and the textbook (Thakur et al. 2005) structures are generated
@@ -46,7 +48,7 @@ from .topology import Topology
 
 OPS = tuple(c.value for c in Collective)
 NATIVE = algorithms.NATIVE
-_TIERS = ("intra", "inter", "local")
+_TIERS = ("intra", "inter", "local", "intra")  # tier 3 (a pair of devices) is intra-node too
 
 
 # ---------------------------------------------------------------------------
@@ -58,11 +60,13 @@ class Params:
     """What a prediction needs besides the schedule; calibrate.py fits these."""
     intra_alpha: float        # s per message inside a node
     intra_bandwidth: float    # bytes/s one direction of a device's fabric port
+    pair_bandwidth: float     # bytes/s of one transfer between two devices of a node (<= intra_bandwidth)
     inter_alpha: float        # s per message across nodes
     inter_bandwidth: float    # bytes/s one direction of one NIC
     step_overhead: float      # s per schedule step of our executor (post, wait, launch)
     reduce_bandwidth: float   # bytes/s of memory traffic of a local reduction
     native_step: float        # s per step inside the backend's own collectives (gloo, MPI)
+    call_overhead: float = 0.0  # s per collective call through the Communicator, any algorithm
     native: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # world -> op -> [alpha, s/byte]
     source: str = "defaults"
 
@@ -71,7 +75,9 @@ class Params:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Params:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        d.setdefault("pair_bandwidth", d.get("intra_bandwidth"))  # profiles older than the pair tier
+        return cls(**d)
 
 
 # Our executor's fixed cost per step (estimates until calibrated): NCCL: a grouped
@@ -80,23 +86,42 @@ class Params:
 # many-core host; MPI (mpi4py): ~20 us.
 _STEP = {"nccl": 15e-6, "gloo": 100e-6, "mpi": 20e-6}
 _NATIVE_STEP = {"nccl": 0.0, "gloo": 30e-6, "mpi": 5e-6}
+# One NCCL send/recv stream between two GPUs: 137-140 GB/s measured on H200 NVSwitch
+# (collectives/profiles/nccl-h200-nvswitch.json), a third of the port; NCCL gives p2p few channels.
+_NCCL_P2P_PAIR = 140e9
+_CALL = {"nccl": 90e-6, "gloo": 300e-6, "mpi": 20e-6}  # Communicator overhead per call (same profiles)
 # Reductions in float16/bfloat16 on CPU run scalar loops (no native half arithmetic): estimate 4x slower.
 _CPU_HALF_SLOWDOWN = 4.0
 
 
 def default_params(topo: Topology, backend: str) -> Params:
     nic = topo.nic or topo.intra
-    return Params(intra_alpha=topo.intra.latency, intra_bandwidth=topo.intra.effective,
+    # A switchless NVLink mesh splits a device's links evenly between its peers.
+    peers = max(len(n) for n in topo.nodes) - 1 if topo.fabric == "nvlink" else 1
+    pair = topo.intra.effective / max(peers, 1)
+    if backend == "nccl" and topo.fabric != "pcie":
+        pair = min(pair, _NCCL_P2P_PAIR)
+    return Params(intra_alpha=topo.intra.latency, intra_bandwidth=topo.intra.effective, pair_bandwidth=pair,
                   inter_alpha=nic.latency, inter_bandwidth=nic.effective,
                   step_overhead=_STEP.get(backend, 50e-6),
                   reduce_bandwidth=topo.device_spec(0).memory_bandwidth,
-                  native_step=_NATIVE_STEP.get(backend, 10e-6))
+                  native_step=_NATIVE_STEP.get(backend, 10e-6), call_overhead=_CALL.get(backend, 50e-6))
+
+
+THETA = ("call", "step", "alpha_intra", "alpha_inter", "1/B_intra", "1/B_inter", "1/R", "1/B_pair")
 
 
 def _theta(p: Params, dtype_slow: float = 1.0) -> np.ndarray:
-    """[step, alpha_intra, alpha_inter, 1/B_intra, 1/B_inter, 1/R] (the order calibrate.py fits)."""
-    return np.array([p.step_overhead, p.intra_alpha, p.inter_alpha,
-                     1 / p.intra_bandwidth, 1 / p.inter_bandwidth, dtype_slow / p.reduce_bandwidth])
+    """Parameters in the order of THETA (what calibrate.py fits)."""
+    return np.array([p.call_overhead, p.step_overhead, p.intra_alpha, p.inter_alpha, 1 / p.intra_bandwidth,
+                     1 / p.inter_bandwidth, dtype_slow / p.reduce_bandwidth, 1 / p.pair_bandwidth])
+
+
+def coefficients(L: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per line: latency a, seconds per byte over its link, seconds per byte of reduction."""
+    t = L[:, 0].astype(int)
+    a = theta[1] + np.array([theta[2], theta[3], 0.0, theta[2]])[t]
+    return a, L[:, 1] * np.array([theta[4], theta[5], 0.0, theta[7]])[t], 3 * L[:, 2] * theta[6]
 
 
 # ---------------------------------------------------------------------------
@@ -105,29 +130,27 @@ def _theta(p: Params, dtype_slow: float = 1.0) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Layout:
-    """Rank -> node and rank -> global NIC index, as arrays; ``mesh`` is the number of peers a
-    device's NVLinks are split between on a switchless NVLink fabric (0: a switch, any pair at full port)."""
+    """Rank -> node and rank -> global NIC index, as arrays."""
     node: np.ndarray
     nic: np.ndarray
-    mesh: int
     key: tuple
 
     @classmethod
     def of(cls, topo: Topology) -> _Layout:
         node = np.array(topo.node_of(), dtype=np.int64)
         nic = node * max(topo.nics_per_node, 1) + np.array(topo.nic_of(), dtype=np.int64)
-        mesh = max(len(n) for n in topo.nodes) - 1 if topo.fabric == "nvlink" else 0
-        return cls(node, nic, mesh, (tuple(map(tuple, topo.nodes)), topo.nics_per_node, mesh))
+        return cls(node, nic, (tuple(map(tuple, topo.nodes)), topo.nics_per_node))
 
 
 Struct = tuple[tuple[int, np.ndarray], ...]  # ((count, lines (m, 3)), ...)
 
 
-def edge_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.ndarray) -> np.ndarray:
-    """Per transfer (tier, load): the fraction of the buffer crossing the busier of its two ports.
+def edge_loads(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.ndarray) -> np.ndarray:
+    """Per transfer (inter?, port load, pair load): fractions of the buffer on its busier port and on its pair.
 
-    Transfers of a round that share a device port or a NIC split its bandwidth,
-    so a transfer ends when its port has moved everything posted on it.
+    Transfers of a round that share a device port, a NIC or a pair of devices
+    split its bandwidth, so a transfer ends when its resource has moved
+    everything posted on it.
     """
     n = len(lay.node)
     src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
@@ -136,13 +159,17 @@ def edge_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.
     ptx = np.where(inter, n + lay.nic[src], src)   # port ids: devices 0..n-1, NICs n..
     prx = np.where(inter, n + lay.nic[dst], dst)
     m = n + int(lay.nic.max()) + 1
-    load = np.maximum(np.bincount(ptx, frac, m)[ptx], np.bincount(prx, frac, m)[prx])
-    if lay.mesh and len(src):  # a full NVLink mesh: each pair has 1/mesh of a device's links
-        pair = src * n + dst
-        uniq, idx = np.unique(pair, return_inverse=True)
-        on_pair = np.bincount(idx.ravel(), frac)[idx.ravel()] * lay.mesh
-        load = np.where(inter, load, np.maximum(load, on_pair))
-    return np.column_stack([inter.astype(float), load])
+    port = np.maximum(np.bincount(ptx, frac, m)[ptx], np.bincount(prx, frac, m)[prx])
+    _, idx = np.unique(src * n + dst, return_inverse=True)
+    pair = np.bincount(idx.ravel(), frac)[idx.ravel()] if len(src) else frac
+    return np.column_stack([inter.astype(float), port, np.where(inter, 0.0, pair)])
+
+
+def _lines(loads: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Lines of transfers: one on the port or NIC (tier 0/1), one on the pair for intra-node ones (tier 3)."""
+    intra = loads[:, 0] == 0
+    return np.concatenate([np.column_stack([loads[:, 0], loads[:, 1], r]),
+                           np.column_stack([np.full(intra.sum(), 3.0), loads[intra, 2], r[intra]])])
 
 
 def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.ndarray,
@@ -153,9 +180,8 @@ def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np
     if red_rank is not None and len(red_rank):
         np.add.at(red, np.asarray(red_rank, np.int64), np.broadcast_to(red_frac, np.shape(red_rank)))
     src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
-    e = edge_lines(lay, src, dst, frac)
     # Both ends of a transfer wait for it; the end that also reduces more finishes last.
-    lines = [np.column_stack([e, np.maximum(red[src], red[dst])])]
+    lines = [_lines(edge_loads(lay, src, dst, frac), np.maximum(red[src], red[dst]))]
     busy = np.zeros(n, bool)
     busy[src] = True
     busy[dst] = True
@@ -188,30 +214,28 @@ def _collect(rounds: list[np.ndarray]) -> Struct:
 
 
 def evaluate(struct: Struct, theta: np.ndarray, nbytes: np.ndarray, step: float | None = None) -> np.ndarray:
-    """Predicted seconds at each size in ``nbytes`` (an array)."""
-    th = theta if step is None else np.concatenate([[step], theta[1:]])
-    total = np.zeros(np.shape(nbytes))
+    """Predicted seconds at each size in ``nbytes`` (an array); ``step`` overrides the step overhead."""
+    th = theta.copy()
+    if step is not None:
+        th[1] = step
+    total = np.full(np.shape(nbytes), th[0])
     for count, L in struct:
-        t = L[:, 0].astype(int)
-        a = th[0] + np.array([th[1], th[2], 0.0])[t]
-        b = L[:, 1] * np.array([th[3], th[4], 0.0])[t] + 3 * L[:, 2] * th[5]
-        total = total + count * np.max(a[:, None] + b[:, None] * nbytes[None, :], axis=0)
+        a, bl, br = coefficients(L, th)
+        total = total + count * np.max(a[:, None] + (bl + br)[:, None] * nbytes[None, :], axis=0)
     return total
 
 
 def breakdown(struct: Struct, theta: np.ndarray, nbytes: float) -> dict[str, float]:
     """Seconds spent on latency, bytes per tier and reduction, following each round's slowest line."""
     out = dict.fromkeys(("latency", "intra", "inter", "reduce"), 0.0)
+    out["latency"] = theta[0]
     for count, L in struct:
-        t = L[:, 0].astype(int)
-        a = theta[0] + np.array([theta[1], theta[2], 0.0])[t]
-        bl = L[:, 1] * np.array([theta[3], theta[4], 0.0])[t] * nbytes
-        br = 3 * L[:, 2] * theta[5] * nbytes
-        j = int(np.argmax(a + bl + br))
+        a, bl, br = coefficients(L, theta)
+        j = int(np.argmax(a + (bl + br) * nbytes))
         out["latency"] += count * a[j]
-        out["reduce"] += count * br[j]
-        if t[j] < 2:
-            out[_TIERS[t[j]]] += count * bl[j]
+        out["reduce"] += count * br[j] * nbytes
+        if int(L[j, 0]) != 2:
+            out[_TIERS[int(L[j, 0])]] += count * bl[j] * nbytes
     return out
 
 
@@ -303,11 +327,11 @@ def chain_struct(lay: _Layout, pipeline: int, first: int = 0, reduce: bool = Fal
         return ()
     src = (first + np.arange(n - 1)) % n
     dst = (src + 1) % n
-    full = edge_lines(lay, src, dst, 1 / k)
+    full = edge_loads(lay, src, dst, 1 / k)
     if full[:, 1].max() > 1 / k:  # a port or NIC serves several edges (nodes not contiguous)
         return windowed_struct(lay, src, dst, np.arange(n - 1), k, 1 / k, reduce, k + n - 2)
     r = 1 / k if reduce else 0.0
-    kinds, ids = np.unique(full[:, :2], axis=0, return_inverse=True)
+    kinds, ids = np.unique(full, axis=0, return_inverse=True)
     ids = ids.ravel()
     prefix = np.zeros((len(ids) + 1, len(kinds)), np.int64)
     prefix[1:] = np.cumsum(np.eye(len(kinds), dtype=np.int64)[ids], axis=0)
@@ -315,8 +339,7 @@ def chain_struct(lay: _Layout, pipeline: int, first: int = 0, reduce: bool = Fal
     for t in range(k + n - 2):
         lo, hi = max(0, t - k + 1), min(t, n - 2)
         counts[tuple(np.flatnonzero(prefix[hi + 1] - prefix[lo]))] += 1
-    return tuple((c, _pareto(np.column_stack([kinds[list(key)], np.full(len(key), r)])))
-                 for key, c in counts.items())
+    return tuple((c, _pareto(_lines(kinds[list(key)], np.full(len(key), r)))) for key, c in counts.items())
 
 
 def windowed_struct(lay: _Layout, src: np.ndarray, dst: np.ndarray, start: np.ndarray, pipeline: int,
@@ -488,11 +511,10 @@ def pairwise_struct(lay: _Layout) -> Struct:
     prx = np.where(inter, n + lay.nic[dst], dst) + off
     load = np.maximum(np.bincount(ptx.ravel(), minlength=m * (n - 1))[ptx],
                       np.bincount(prx.ravel(), minlength=m * (n - 1))[prx]) / n
-    if lay.mesh:  # one transfer per pair a round, over that pair's share of the links
-        load = np.where(inter, load, np.maximum(load, lay.mesh / n))
-    counts: Counter = Counter()
+    counts: Counter = Counter()  # one transfer per pair a round: the pair line carries 1/n
     for a, b in zip(np.where(inter, 0.0, load).max(axis=1), np.where(inter, load, 0.0).max(axis=1)):
-        counts[tuple(row for row in ((0.0, a, 0.0), (1.0, b, 0.0)) if row[1] > 0)] += 1
+        rows = ((0.0, a, 0.0), (1.0, b, 0.0), (3.0, 1 / n if a > 0 else 0.0, 0.0))
+        counts[tuple(row for row in rows if row[1] > 0)] += 1
     return tuple((c, np.array(key)) for key, c in counts.items())
 
 
@@ -655,7 +677,6 @@ class CostModel:
         self.params: Params = profile if profile is not None else default_params(topology, backend)
         self._lay = _Layout.of(topology)
         self._nodes = tuple(map(tuple, topology.nodes))
-        self._structs: dict[tuple, Struct] = {}
         self._choices: dict[tuple, Plan] = {}
         self._plans: dict[tuple, Plan] = {}
 
@@ -690,15 +711,17 @@ class CostModel:
         if fit:
             return [("measured", fit[0] + fit[1] * S)]
         if self.backend == "nccl":
-            return [(lab, lat + S / bw) for lab, lat, bw, _ in nccl_options(self.topology, coll)]
+            call = self.params.call_overhead
+            return [(lab, call + lat + S / bw) for lab, lat, bw, _ in nccl_options(self.topology, coll)]
         theta = self._theta(dtype)
-        out = []
-        for label, make in native_structs(self.backend, self._lay, coll):
-            key = (coll, f"{NATIVE}:{label}", 1)
-            if key not in self._structs:
-                self._structs[key] = make()
-            out.append((label, evaluate(self._structs[key], theta, S, step=self.params.native_step)))
-        return out
+        return [(label, evaluate(self._native_struct(coll, label, make), theta, S, step=self.params.native_step))
+                for label, make in native_structs(self.backend, self._lay, coll)]
+
+    def _native_struct(self, coll: Collective, label: str, make) -> Struct:
+        key = (self._lay.key, coll, f"{NATIVE}:{self.backend}:{label}", 1, False)
+        if key not in _STRUCTS:
+            _STRUCTS[key] = make()
+        return _STRUCTS[key]
 
     def predict(self, op: str | Collective, nbytes: int, algorithm: str, dtype: Any = "float32",
                 pipeline: int | None = None) -> float:
@@ -759,20 +782,19 @@ class CostModel:
             return dict.fromkeys(("latency", "intra", "inter", "reduce"), 0.0)
         if algorithm != NATIVE:
             return breakdown(self.struct(coll, algorithm, pipeline), self._theta(dtype), float(nbytes))
-        S = np.array([float(nbytes)])
-        if self.backend == "nccl" and not self.params.native.get(str(self.topology.world_size), {}).get(coll.value):
+        fit = self.params.native.get(str(self.topology.world_size), {}).get(coll.value)
+        if fit:
+            return {"latency": fit[0], "intra": fit[1] * nbytes, "inter": 0.0, "reduce": 0.0, "variant": "measured"}
+        if self.backend == "nccl":
             lab, lat, bw, tier = min(nccl_options(self.topology, coll), key=lambda o: o[1] + nbytes / o[2])
-            return {"latency": lat, "intra": 0.0, "inter": 0.0, "reduce": 0.0, tier: nbytes / bw, "variant": lab}
-        opts = self._native(coll, S, dtype)
-        lab, t = min(opts, key=lambda o: o[1][0])
-        key = (coll, f"{NATIVE}:{lab}", 1)
-        if key in self._structs:
-            d = breakdown(self._structs[key], np.concatenate([[self.params.native_step],
-                                                               self._theta(dtype)[1:]]), float(nbytes))
-        else:
-            fit = self.params.native[str(self.topology.world_size)][coll.value]
-            d = {"latency": fit[0], "intra": fit[1] * nbytes, "inter": 0.0, "reduce": 0.0}
-        return {**d, "variant": lab}
+            return {"latency": self.params.call_overhead + lat, "intra": 0.0, "inter": 0.0, "reduce": 0.0,
+                    tier: nbytes / bw, "variant": lab}
+        S, theta = np.array([float(nbytes)]), self._theta(dtype)
+        theta[1] = self.params.native_step
+        lab, struct = min(((label, self._native_struct(coll, label, make))
+                           for label, make in native_structs(self.backend, self._lay, coll)),
+                          key=lambda o: evaluate(o[1], theta, S)[0])
+        return {**breakdown(struct, theta, float(nbytes)), "variant": lab}
 
     def reason(self, op: str | Collective, nbytes: int, algorithm: str, dtype: Any = "float32",
                pipeline: int = 1) -> str:

@@ -69,6 +69,7 @@ CPU = GPUSpec(1e12, 16e9, 10e9)
 # NVLink per-link bandwidth per direction (GB/s) and NCCL's achieved per-link figure (topo.h).
 _NVLINK = {1: (20.0, 18.0), 2: (25.0, 20.0), 3: (25.0, 20.0), 4: (25.0, 20.6), 5: (50.0, 40.1)}
 _NVLINK_GEN_OF = {"V100": 2, "A100": 3, "H100": 4, "H200": 4, "B200": 5}
+_NVML_NVLINK_GEN = {1: 1, 2: 2, 3: 2, 4: 3, 5: 3, 6: 4, 7: 5}
 # PCIe per-lane bandwidth per direction (GB/s) after line coding (PCI-SIG: 8/16/32/64 GT/s, 128b/130b).
 _PCIE_LANE = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
 _PCIE_EFF = 12.0 / 15.75      # NCCL PCI_BW 12 GB/s for Gen3 x16 (15.75 GB/s nominal)
@@ -377,8 +378,8 @@ def _intra_link(rep: dict[str, Any]) -> tuple[str, Link]:
         return "shm", loopback()
     nv = rep.get("nvlink") or {}
     if nv.get("links"):
-        gen = nv.get("version") or _NVLINK_GEN_OF.get(rep["device"], 4)
-        gen = min(max(int(gen), 1), 5)
+        # A known GPU fixes its NVLink generation; else NVML's nvmlNvlinkVersion_t (4: 3.0, 6: 4.0, 7: 5.0).
+        gen = _NVLINK_GEN_OF.get(rep["device"]) or _NVML_NVLINK_GEN.get(nv.get("version") or 0, 4)
         switch = bool(nv.get("switch"))
         return ("nvswitch" if switch else "nvlink"), nvlink(gen, int(nv["links"]), switch=switch)
     pc = rep.get("pcie") or {}

@@ -15,10 +15,10 @@ def check_tensor(name: str, t: object, device: torch.device | None, backend: str
     if t.dtype not in DTYPES:
         raise TypeError(f"{name}: dtype {t.dtype} is not supported; use one of "
                         f"{', '.join(str(d).replace('torch.', '') for d in DTYPES)}")
+    if t.layout is not torch.strided:
+        raise ValueError(f"{name}: only dense strided tensors are supported, got layout {t.layout}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: tensor must be contiguous (call .contiguous() first)")
-    if t.is_sparse or t.layout is not torch.strided:
-        raise ValueError(f"{name}: only dense strided tensors are supported")
     if backend == "nccl":
         if t.device.type != "cuda" or (device is not None and t.device != device):
             raise ValueError(f"{name}: the nccl backend needs tensors on {device}, got {t.device}")

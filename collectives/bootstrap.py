@@ -1,19 +1,41 @@
-"""``init()``: start torch.distributed from whatever launched us, once.
+"""``init()``: start the communication layer from whatever launched us, once.
 
-Sources, in order: an already initialised torch.distributed; torchrun
-(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK); an MPI launcher
-(Open MPI, MPICH/Hydra, PMIx: rank 0 picks an address and a free port and
-shares them over MPI through mpi4py); SLURM (SLURM_PROCID, SLURM_NTASKS,
-SLURM_LOCALID, MASTER_ADDR or the first host of SLURM_JOB_NODELIST); else a
-single process. The backend is nccl when CUDA is available, gloo otherwise;
-the GPU is chosen by the local rank.
+Sources, in this order (``launch_env`` reads them; the first that applies wins):
+
+- an already initialised torch.distributed (``init`` wraps it);
+- torchrun: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (required once any of
+  RANK, WORLD_SIZE or TORCHELASTIC_RUN_ID is set), LOCAL_RANK,
+  LOCAL_WORLD_SIZE, GROUP_RANK (the agent, i.e. the node);
+- an MPI launcher (Open MPI, MPICH/Hydra, Intel MPI, MVAPICH, PMIx): through
+  mpi4py, rank 0 picks an address and a free port (or takes MASTER_ADDR /
+  MASTER_PORT) and broadcasts them; local ranks and the node index come from
+  MPI's shared-memory split;
+- a SLURM step (``srun``): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
+  SLURM_NODEID, SLURM_TASKS_PER_NODE, MASTER_ADDR or the first host of
+  SLURM_JOB_NODELIST, MASTER_PORT or 29500 + job id mod 1000;
+- else a single process.
+
+A source that is only partly there (e.g. RANK without MASTER_PORT) is an
+error that lists what is missing, never a silent single-process run.
+
+The backend is ``backend``, else ``$TOPOCOMM_BACKEND``, else nccl when CUDA is
+available and gloo otherwise; ``"mpi"`` gives a ``collectives.mpi.MpiCommunicator``
+(no torch.distributed). With nccl the GPU is ``local_rank % device_count``.
+
+[Note: node identity] ``init`` exports LOCAL_RANK, LOCAL_WORLD_SIZE and, when
+the launcher names nodes (SLURM_NODEID, MPI's shared-memory split), GROUP_RANK,
+unless already set. Topology detection groups ranks by GROUP_RANK, so every
+launcher yields the same node map torchrun does.
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
+import re
 import socket
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -22,75 +44,252 @@ from .communicator import Communicator
 
 _default: Communicator | None = None
 
-_TORCHRUN = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_MPI_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
-_MPI_RANK = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+_TORCHRUN_TRIGGERS = ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")
+_TORCHRUN_REQUIRED = {
+    "RANK": "this process's global rank",
+    "WORLD_SIZE": "the number of ranks",
+    "MASTER_ADDR": "the host of rank 0's store",
+    "MASTER_PORT": "the port of rank 0's store",
+}
+# (rank, size, local rank, local size) variables of each MPI family.
+_MPI_VARS = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),          # MPICH/Hydra, Intel MPI
+    ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
+    ("PMIX_RANK", "", "", ""),                                               # PMIx (srun --mpi=pmix, prterun)
+)
+_SLURM_PORT_BASE = 29500
 
 
-def _first(names: tuple[str, ...]) -> str | None:
-    return next((os.environ[n] for n in names if n in os.environ), None)
+class LaunchError(RuntimeError):
+    """The launcher's environment is incomplete or inconsistent."""
 
 
-def _free_port() -> int:
+def _int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise LaunchError(f"init: {name}={env[name]!r} is not an integer") from None
+
+
+def _checked(info: dict, source: str) -> dict:
+    r, n, lr, ln = info["rank"], info["world_size"], info["local_rank"], info["local_world_size"]
+    if n < 1 or not 0 <= r < n:
+        raise LaunchError(f"init ({source}): rank {r} is not in [0, world size {n})")
+    if ln < 1 or not 0 <= lr < ln or ln > n:
+        raise LaunchError(f"init ({source}): local rank {lr} / local world size {ln} do not fit world size {n}")
+    return info
+
+
+def launch_env(env: Mapping[str, str] | None = None) -> dict:
+    """What the launcher told us: source, rank, world_size, local_rank, local_world_size, node
+    (index of this rank's node, or None if the launcher does not say), master_addr, master_port.
+
+    ``env`` defaults to ``os.environ``. The MPI source initialises MPI (mpi4py) to agree on the address.
+    """
+    env = os.environ if env is None else env
+    if any(k in env for k in _TORCHRUN_TRIGGERS):
+        return _torchrun_env(env)
+    family = next((f for f in _MPI_VARS if f[0] in env), None)
+    if family is not None:
+        return _mpi_env(env, family)
+    if "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
+        return _slurm_env(env)
+    # Also a SLURM batch script outside srun: one process.
+    return {"source": "single", "rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1, "node": 0,
+            "master_addr": "127.0.0.1", "master_port": 0}
+
+
+def _torchrun_env(env: Mapping[str, str]) -> dict:
+    missing = [k for k in _TORCHRUN_REQUIRED if not env.get(k)]
+    if missing:
+        have = [k for k in (*_TORCHRUN_REQUIRED, "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK") if env.get(k)]
+        raise LaunchError(
+            "init: incomplete torchrun environment: missing " +
+            ", ".join(f"{k} ({_TORCHRUN_REQUIRED[k]})" for k in missing) +
+            f"; have {', '.join(have) or 'none of them'}. Launch with torchrun, or set all of "
+            f"{', '.join(_TORCHRUN_REQUIRED)} (and LOCAL_RANK, LOCAL_WORLD_SIZE on several nodes)")
+    rank, size = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+    lsize = _int(env, "LOCAL_WORLD_SIZE") if env.get("LOCAL_WORLD_SIZE") else size
+    lrank = _int(env, "LOCAL_RANK") if env.get("LOCAL_RANK") else rank % lsize
+    node = _int(env, "GROUP_RANK") if env.get("GROUP_RANK") else None
+    return _checked({"source": "torchrun", "rank": rank, "world_size": size, "local_rank": lrank,
+                     "local_world_size": lsize, "node": node, "master_addr": env["MASTER_ADDR"],
+                     "master_port": _int(env, "MASTER_PORT")}, "torchrun")
+
+
+def _mpi_env(env: Mapping[str, str], family: tuple[str, str, str, str]) -> dict:
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return _mpi_env_without_mpi4py(env, family)
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    lrank, lsize = local.Get_rank(), local.Get_size()
+    node = _mpi_node_index(comm, local)
+    local.Free()
+    if rank == 0:
+        addr = env.get("MASTER_ADDR") or host_address(multi_node=lsize < size)
+        port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else free_port()
+        msg = f"{addr} {port}".encode()
+    else:
+        msg = b""
+    buf = bytearray(msg.ljust(256))
+    comm.Bcast(buf, root=0)
+    addr, port = bytes(buf).decode().split()
+    return _checked({"source": "mpi", "rank": rank, "world_size": size, "local_rank": lrank, "local_world_size": lsize,
+                     "node": node, "master_addr": addr, "master_port": int(port)}, "mpi")
+
+
+def _mpi_node_index(comm, local) -> int:
+    """Index of this rank's node: nodes numbered by their lowest global rank."""
+    import numpy as np
+    from mpi4py import MPI
+
+    leader = np.array([comm.Get_rank()], dtype=np.int64)
+    local.Allreduce(MPI.IN_PLACE, leader, op=MPI.MIN)
+    leaders = np.empty(comm.Get_size(), dtype=np.int64)
+    comm.Allgather(leader, leaders)
+    return int(np.searchsorted(np.unique(leaders), leader[0]))
+
+
+def _mpi_env_without_mpi4py(env: Mapping[str, str], family: tuple[str, str, str, str]) -> dict:
+    rank_v, size_v, lrank_v, lsize_v = family
+    missing = [v for v in (size_v or "(world size)", "MASTER_ADDR", "MASTER_PORT") if not env.get(v)]
+    if missing:
+        raise LaunchError(f"init: launched by MPI ({rank_v} is set) but mpi4py is not installed, and "
+                          f"{', '.join(missing)} missing: pip install mpi4py, or export MASTER_ADDR and MASTER_PORT")
+    size = _int(env, size_v)
+    lsize = _int(env, lsize_v) if lsize_v and env.get(lsize_v) else size
+    lrank = _int(env, lrank_v) if lrank_v and env.get(lrank_v) else _int(env, rank_v) % lsize
+    return _checked({"source": "mpi", "rank": _int(env, rank_v), "world_size": size, "local_rank": lrank,
+                     "local_world_size": lsize, "node": None, "master_addr": env["MASTER_ADDR"],
+                     "master_port": _int(env, "MASTER_PORT")}, "mpi")
+
+
+def _slurm_env(env: Mapping[str, str]) -> dict:
+    ntasks_v = "SLURM_NTASKS" if "SLURM_NTASKS" in env else "SLURM_NPROCS"
+    missing = [v for v in (ntasks_v, "SLURM_LOCALID", "SLURM_NODEID") if v not in env]
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or env.get("SLURM_STEP_NODELIST", "")
+    if not env.get("MASTER_ADDR") and not nodelist:
+        missing.append("MASTER_ADDR or SLURM_JOB_NODELIST")
+    if missing:
+        raise LaunchError(f"init: incomplete SLURM environment: missing {', '.join(missing)} "
+                          f"(launch the ranks with srun inside the allocation)")
+    size, node = _int(env, ntasks_v), _int(env, "SLURM_NODEID")
+    per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
+    if node < len(per_node):
+        lsize = per_node[node]
+    elif env.get("SLURM_NTASKS_PER_NODE"):
+        lsize = _int(env, "SLURM_NTASKS_PER_NODE")
+    else:
+        lsize = size
+    addr = env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0]
+    port = (_int(env, "MASTER_PORT") if env.get("MASTER_PORT")
+            else _SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0") or 0) % 1000)
+    return _checked({"source": "slurm", "rank": _int(env, "SLURM_PROCID"), "world_size": size,
+                     "local_rank": _int(env, "SLURM_LOCALID"), "local_world_size": lsize, "node": node,
+                     "master_addr": addr, "master_port": port}, "slurm")
+
+
+# -- SLURM lists -------------------------------------------------------------------
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets: ``a[1-2,5],b`` -> [``a[1-2,5]``, ``b``]."""
+    out, depth, cur = [], 0, []
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if cur:
+        out.append("".join(cur))
+    return [s for s in (x.strip() for x in out) if s]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Hosts of a SLURM node list: ``gpu[01-03,07],login-a`` -> gpu01, gpu02, gpu03, gpu07, login-a.
+
+    Each item may have bracket groups (``r[1-2]n[01-02]``); numbers keep their zero padding.
+    """
+    hosts: list[str] = []
+    for item in _split_top(nodelist):
+        m = re.search(r"\[([^\]]*)\]", item)
+        if m is None:
+            hosts.append(item)
+            continue
+        head, tail = item[:m.start()], item[m.end():]
+        for part in m.group(1).split(","):
+            lo, _, hi = part.partition("-")
+            width = len(lo)
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.extend(head + str(i).zfill(width) + rest for rest in expand_nodelist(tail) or [""])
+    return hosts
+
+
+def tasks_per_node(spec: str) -> list[int]:
+    """SLURM_TASKS_PER_NODE ``2(x3),1`` -> [2, 2, 2, 1]."""
+    out: list[int] = []
+    for item in _split_top(spec.replace("(", "[").replace(")", "]")):
+        m = re.fullmatch(r"(\d+)(?:\[x(\d+)\])?", item)
+        if m is None:
+            return []
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
+
+
+# -- addresses ---------------------------------------------------------------------
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
 
 
-def _first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list such as ``gpu[012-015,020],cpu1``."""
-    head = nodelist.split(",")[0]
-    if "[" not in head:
-        return head
-    prefix, rest = head.split("[", 1)
-    return prefix + rest.split("-")[0].split("]")[0]
+def host_address(multi_node: bool = True) -> str:
+    """An address of this host the other ranks can reach: the hostname's when it is not loopback, else
+    (several nodes) the source address of the default route; 127.0.0.1 for a single node."""
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        addr = "127.0.0.1"
+    if not multi_node or not ipaddress.ip_address(addr).is_loopback:
+        return addr
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # UDP connect sends nothing; it only picks the route
+            return s.getsockname()[0]
+        except OSError:
+            return addr
 
 
-def launch_env() -> dict[str, str | int]:
-    """What the launcher told us: rank, world_size, local_rank, local_world_size, master addr/port, source."""
-    env = os.environ
-    present = [k for k in _TORCHRUN if k in env]
-    if present:
-        missing = [k for k in _TORCHRUN if k not in env]
-        if missing:
-            raise RuntimeError(f"init: incomplete torchrun environment: {', '.join(missing)} missing "
-                               f"(have {', '.join(present)})")
-        return {"source": "torchrun", "rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
-                "local_rank": int(env.get("LOCAL_RANK", 0)),
-                "local_world_size": int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
-                "master_addr": env["MASTER_ADDR"], "master_port": int(env["MASTER_PORT"])}
-    if _first(_MPI_RANK) is not None and _first(_MPI_SIZE) is not None:
-        return _mpi_env()
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
-        if not addr:
-            raise RuntimeError("init: SLURM environment without MASTER_ADDR or SLURM_JOB_NODELIST")
-        ntasks = int(env["SLURM_NTASKS"])
-        return {"source": "slurm", "rank": int(env["SLURM_PROCID"]), "world_size": ntasks,
-                "local_rank": int(env.get("SLURM_LOCALID", 0)),
-                "local_world_size": int(env.get("SLURM_NTASKS_PER_NODE", str(ntasks)).split("(")[0]),
-                "master_addr": addr, "master_port": int(env.get("MASTER_PORT", 29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))}
-    return {"source": "single", "rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1,
-            "master_addr": "127.0.0.1", "master_port": 0}
+# -- init ---------------------------------------------------------------------------
 
-
-def _mpi_env() -> dict[str, str | int]:
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    addr, port = (os.environ.get("MASTER_ADDR", socket.gethostbyname(socket.gethostname())),
-                  int(os.environ.get("MASTER_PORT", 0)) or _free_port()) if rank == 0 else (None, None)
-    addr, port = comm.bcast((addr, port), root=0)
-    return {"source": "mpi", "rank": rank, "world_size": size, "local_rank": local.Get_rank(),
-            "local_world_size": local.Get_size(), "master_addr": addr, "master_port": port}
+def _export(info: dict) -> None:
+    """[Note: node identity]"""
+    os.environ.setdefault("LOCAL_RANK", str(info["local_rank"]))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(info["local_world_size"]))
+    if info.get("node") is not None:
+        os.environ.setdefault("GROUP_RANK", str(info["node"]))
 
 
 def init(timeout: float = 600, backend: str | None = None) -> Communicator:
-    """Initialise torch.distributed from the launcher's environment (idempotent) and return the default Communicator."""
+    """Initialise from the launcher's environment (idempotent) and return the default Communicator.
+
+    ``backend``: "nccl", "gloo", "mpi" or None ($TOPOCOMM_BACKEND, else nccl with CUDA, gloo without).
+    """
     global _default
-    if _default is not None and dist.is_initialized():
+    if _default is not None and (_default.backend == "mpi" or dist.is_initialized()):
+        return _default
+    backend = backend or os.environ.get("TOPOCOMM_BACKEND") or None
+    if backend == "mpi":
+        from .mpi import MpiCommunicator
+
+        _export(launch_env())
+        _default = MpiCommunicator(timeout=timeout)
         return _default
     td = datetime.timedelta(seconds=float(timeout))
     if not dist.is_initialized():
@@ -98,8 +297,7 @@ def init(timeout: float = 600, backend: str | None = None) -> Communicator:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(info["local_rank"]) % torch.cuda.device_count())
-        os.environ.setdefault("LOCAL_RANK", str(info["local_rank"]))
-        os.environ.setdefault("LOCAL_WORLD_SIZE", str(info["local_world_size"]))
+        _export(info)
         if info["source"] == "single":
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=td)
         else:

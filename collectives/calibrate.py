@@ -5,7 +5,8 @@ world_size, ...) and rows (op, algorithm, bytes, count, dtype, time_us, algbw,
 busbw, wrong, predicted_us, in_place). Two fits:
 
 - our algorithms: a prediction is linear in theta = [call, step, alpha_intra,
-  alpha_inter, 1/B_intra, 1/B_inter, 1/R, 1/B_pair] once each round's slowest line is fixed ([Note: structural lines] in model.py), so
+  alpha_inter, 1/B_intra, 1/B_inter, 1/R, 1/B_pair, sched] once each round's
+  slowest line is fixed ([Note: structural lines] in model.py), so
   theta is a non-negative least-squares fit of relative error, re-linearised
   a few times. Columns the rows cannot tell apart keep their defaults
   (alpha_intra is folded into the step overhead; inter-node terms need
@@ -30,7 +31,7 @@ import numpy as np
 
 from .model import THETA, CostModel, Params, _theta, coefficients, default_params, evaluate, native_structs
 from .schedule import Collective
-from .topology import Topology
+from .topology import Topology, from_reports, usable_cpus
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 _MIN_BYTES = 64 * 1024  # below this, timer noise and Python overhead dominate the fit
@@ -50,16 +51,8 @@ def hardware_key(topo: Topology, backend: str) -> dict[str, Any]:
     key: dict[str, Any] = {"backend": backend, "device": topo.devices[0] if topo.devices else "cpu",
                            "fabric": topo.fabric}
     if key["device"] == "cpu":
-        key["cpus"] = usable_cpus()
+        key["cpus"] = topo.cpus or usable_cpus()
     return key
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (a container's or taskset's limit, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def find_profile(topo: Topology, backend: str) -> Params | None:
@@ -114,12 +107,13 @@ def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, 
     for count, L in model.struct(coll, algorithm, k):
         a, bl, br = coefficients(L, theta)
         j = int(np.argmax(a + (bl + br) * nbytes))
-        tier = int(L[j, 0])
+        tier, m = int(L[j, 0]), L[j, 3]
         x[1] += count
-        x[6] += count * 3 * L[j, 2] * nbytes
+        x[8] += count * (m > 1)
+        x[6] += count * m * 3 * L[j, 2] * nbytes
         if tier != 2:
             x[2 + (tier == 1)] += count
-            x[{0: 4, 1: 5, 3: 7}[tier]] += count * L[j, 1] * nbytes
+            x[{0: 4, 1: 5, 3: 7}[tier]] += count * m * L[j, 1] * nbytes
     return x
 
 
@@ -149,8 +143,20 @@ def fit(rows: list[dict[str, Any]], topo: Topology, backend: str, base: Params |
               for r in rows if r["bytes"] >= min_bytes}
     vals = np.array(list(ratios.values())) if ratios else np.ones(1)
     summary = {"rows": len(ratios), "ratio_min": float(vals.min()), "ratio_max": float(vals.max()),
-               "within_25pct": float(np.mean(np.abs(vals - 1) <= 0.25)), "ratios": ratios}
+               "within_25pct": float(np.mean(np.abs(vals - 1) <= 0.25)),
+               "pick_within_5pct": pick_quality(model, rows, min_bytes), "ratios": ratios}
     return params, summary
+
+
+def pick_quality(model: CostModel, rows: list[dict[str, Any]], min_bytes: int = _MIN_BYTES) -> float:
+    """Fraction of measured (op, size) cells where the model's pick ran within 5% of the fastest measured."""
+    cells: dict[tuple[str, int], dict[str, float]] = {}
+    for r in rows:
+        if r["bytes"] >= min_bytes:
+            cells.setdefault((r["op"], r["bytes"]), {})[r["algorithm"]] = r["time_us"]
+    good = [times.get(model.plan(op, nbytes, candidates=tuple(times)).algorithm, np.inf) <= 1.05 * min(times.values())
+            for (op, nbytes), times in cells.items()]
+    return float(np.mean(good)) if good else 1.0
 
 
 def _fit_theta(rows: list[dict[str, Any]], topo: Topology, backend: str, params: Params) -> Params:
@@ -166,7 +172,7 @@ def _fit_theta(rows: list[dict[str, Any]], topo: Topology, backend: str, params:
             X = np.array([features(model, Collective(r["op"]), r["algorithm"], float(r["bytes"]), theta)
                           for r in rows])
             # alpha_intra rides with the step overhead (the same column on one node); fit what the rows exercise.
-            free = [j for j in (0, 1, 3, 4, 5, 6, 7) if np.any(X[:, j] > 0)]
+            free = [j for j in (0, 1, 3, 4, 5, 6, 7, 8) if np.any(X[:, j] > 0)]
             fixed = [j for j in range(len(THETA)) if j not in free]
             sol = nnls(X[:, free] / t[:, None], (t - X[:, fixed] @ theta[fixed]) / t)
             new = theta.copy()
@@ -204,7 +210,7 @@ def _params(p: Params, theta: np.ndarray) -> Params:
     return replace(p, call_overhead=float(theta[0]), step_overhead=float(theta[1]), intra_alpha=float(theta[2]),
                    inter_alpha=float(theta[3]), intra_bandwidth=float(1 / theta[4]),
                    inter_bandwidth=float(1 / theta[5]), reduce_bandwidth=float(1 / theta[6]),
-                   pair_bandwidth=float(1 / theta[7]))
+                   pair_bandwidth=float(1 / theta[7]), oversubscribed_step=float(theta[8]))
 
 
 def load_rows(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -372,15 +378,22 @@ def main(argv: list[str] | None = None) -> None:
         return
     header, rows = load_rows(a.rows)
     backend = a.backend or header.get("backend", "gloo")
-    topo = (Topology.from_json(header["topology"]) if "topology" in header
-            else Topology.local(int(header.get("world_size") or 4)))
+    if "topology" in header:  # re-derive from the raw reports, so detection fixes apply to old sweeps
+        reports = header["topology"].get("details", {}).get("reports")
+        topo = from_reports(reports) if reports else Topology.from_json(header["topology"])
+    else:
+        topo = Topology.local(int(header.get("world_size") or 4), cpus=int(str(header.get("machine", "")).split(
+            "(")[-1].split()[0]) if "CPUs" in str(header.get("machine", "")) else None)
     params, summary = fit(rows, topo, backend)
     meta = {k: v for k, v in summary.items() if k != "ratios"}
-    meta.update(header=header, note="fitted by collectives.calibrate from " + Path(a.rows).name)
+    meta.update(header={k: v for k, v in header.items() if k != "topology"}, topology=topo.to_json(),
+                note="fitted by python -m collectives.calibrate fit; 'rows' are the measurements",
+                rows=[{k: r[k] for k in ("op", "algorithm", "bytes", "time_us") if k in r} for r in rows])
     save_profile(a.save, params, hardware_key(topo, backend), meta)
     for key, r in sorted(summary["ratios"].items()):
         print(f"{key:45s} predicted/measured {r:6.2f}")
-    print(f"within 25%: {100 * summary['within_25pct']:.0f}% of {summary['rows']} rows -> {a.save}")
+    print(f"within 25%: {100 * summary['within_25pct']:.0f}% of {summary['rows']} rows; pick within 5% of the "
+          f"measured best in {100 * summary['pick_within_5pct']:.0f}% of (op, size) cells -> {a.save}")
 
 
 if __name__ == "__main__":

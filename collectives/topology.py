@@ -101,6 +101,14 @@ def loopback() -> Link:
     return Link("loopback", 5e9, 30e-6, 1.0)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's or taskset's limit, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def gpu_spec(device: str) -> GPUSpec:
     """Spec of a device kind: a GPU model name (NVML's full name works) or "cpu"."""
     for name, spec in GPUS.items():
@@ -118,7 +126,8 @@ class Topology:
     nic: Link | None = None
     nics_per_node: int = 0
     name: str = "custom"
-    hosts: list[str] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)   # per node; nodes on one host share its CPUs
+    cpus: int = 0                                    # usable CPU cores per host (0: plenty, e.g. GPU nodes)
     details: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -187,13 +196,18 @@ class Topology:
 
     # -- constructors -------------------------------------------------------------
     @classmethod
-    def local(cls, world_size: int, nodes: list[list[int]] | None = None, device: str = "cpu") -> Topology:
-        """Ranks on one host (or the given emulated nodes) over loopback / shared memory, as gloo runs them."""
+    def local(cls, world_size: int, nodes: list[list[int]] | None = None, device: str = "cpu",
+              cpus: int | None = None) -> Topology:
+        """Ranks on one host (or the given emulated nodes) over loopback / shared memory, as gloo runs them.
+
+        ``cpus``: cores the ranks share (default: this process's usable CPUs; 0: unlimited).
+        """
         nodes = nodes if nodes is not None else [list(range(world_size))]
         multi = len(nodes) > 1
         return cls(nodes=[list(n) for n in nodes], devices=[device] * world_size, fabric="shm",
                    intra=loopback(), nic=loopback() if multi else None, nics_per_node=1 if multi else 0,
-                   name="local", hosts=[socket.gethostname()] * len(nodes))
+                   name="local", hosts=[socket.gethostname()] * len(nodes),
+                   cpus=usable_cpus() if cpus is None else cpus)
 
     @classmethod
     def preset(cls, name: str, nodes: int = 1) -> Topology:
@@ -244,7 +258,7 @@ def detect_local(env: dict[str, str] | None = None, sysfs: str = "/sys") -> dict
     # torchrun's GROUP_RANK names the agent: two agents on one host are two nodes.
     node = f"group{env['GROUP_RANK']}" if env.get("GROUP_RANK", "").isdigit() else host
     report: dict[str, Any] = {"host": host, "node": node, "local_rank": local_rank,
-                              "cpus": os.cpu_count() or 1, "device": "cpu",
+                              "cpus": usable_cpus(), "device": "cpu",
                               "nics": _detect_nics(sysfs)}
     gpu = _detect_gpu(local_rank, sysfs)
     if gpu:
@@ -369,8 +383,9 @@ def from_reports(reports: list[dict[str, Any]]) -> Topology:
     if len(nodes) > 1 and nic is None:
         nic, nics = (loopback(), 1) if len({rep["host"] for rep in reports}) == 1 else (ethernet(10), 1)
     hosts = [reports[n[0]]["host"] for n in nodes]
+    cpus = min(rep.get("cpus", 0) for rep in reports) if devices[0] == "cpu" else 0
     return Topology(nodes=nodes, devices=devices, fabric=fabric, intra=intra, nic=nic, nics_per_node=nics,
-                    name="detected", hosts=hosts, details={"reports": reports})
+                    name="detected", hosts=hosts, cpus=cpus, details={"reports": reports})
 
 
 def _intra_link(rep: dict[str, Any]) -> tuple[str, Link]:

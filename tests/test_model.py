@@ -12,6 +12,7 @@ import pytest
 import collectives.model as M
 from collectives import algorithms, calibrate
 from collectives.schedule import Collective
+from collectives import topology as T
 from collectives.topology import Topology
 from collectives.verify import verify
 
@@ -43,6 +44,8 @@ TOPOLOGIES = [
     ("emulated 2x3", lambda: Topology.local(6, nodes=[[0, 1, 2], [3, 4, 5]])),
     ("uneven 3+2", lambda: Topology.local(5, nodes=[[0, 1, 2], [3, 4]])),
     ("interleaved", lambda: Topology.local(6, nodes=[[0, 2, 4], [1, 3, 5]])),
+    ("nvlink mesh 2x4", lambda: Topology(nodes=[[0, 1, 2, 3], [4, 5, 6, 7]], devices=["H100"] * 8, fabric="nvlink",
+                                          intra=T.nvlink(4, 18), nic=T.infiniband(400), nics_per_node=2)),
 ]
 
 
@@ -77,11 +80,11 @@ def test_rounds_are_the_verifier_trace(n):
 
 @pytest.mark.parametrize("n", [2, 3, 4, 7, 8, 16])
 def test_closed_forms(n):
-    topo = Topology.local(n)
+    topo = Topology.local(n, cpus=0)  # no CPU oversubscription: the textbook's machine
     p = M.default_params(topo, "gloo")
     model = M.CostModel(topo, "gloo", profile=p)
     a, beta, gamma = p.step_overhead + p.intra_alpha, 1 / p.intra_bandwidth, 3 / p.reduce_bandwidth
-    S, lg = 8e6, math.ceil(math.log2(n))
+    S, lg, call = 8e6, math.ceil(math.log2(n)), p.call_overhead
     forms = {
         ("ring", C.ALL_REDUCE): 2 * (n - 1) * a + 2 * (n - 1) / n * S * beta + (n - 1) / n * S * gamma,
         ("ring", C.REDUCE_SCATTER): (n - 1) * a + (n - 1) / n * S * (beta + gamma),
@@ -92,21 +95,31 @@ def test_closed_forms(n):
     if n & (n - 1) == 0:  # Rabenseifner on powers of two
         forms[("halving_doubling", C.ALL_REDUCE)] = 2 * lg * a + 2 * (n - 1) / n * S * beta + (n - 1) / n * S * gamma
     for (algo, coll), want in forms.items():
-        assert model.predict(coll, S, algo) == pytest.approx(want, rel=1e-9), (algo, coll.value)
+        assert model.predict(coll, S, algo) == pytest.approx(call + want, rel=1e-9), (algo, coll.value)
     for k in (1, 4, 16):  # pipelined chain
         chain = (k + n - 2) * (a + S / k * beta)
-        assert model.predict(C.BROADCAST, S, "ring", pipeline=k) == pytest.approx(chain, rel=1e-9)
+        assert model.predict(C.BROADCAST, S, "ring", pipeline=k) == pytest.approx(call + chain, rel=1e-9)
     # Binomial tree: lg n rounds of the whole buffer. (Pipelined, a parent feeds up to lg n children in
     # one round through one port, which the model charges and the multi-port textbook form does not.)
-    assert model.predict(C.BROADCAST, S, "tree", pipeline=1) == pytest.approx(lg * (a + S * beta), rel=1e-9)
+    assert model.predict(C.BROADCAST, S, "tree", pipeline=1) == pytest.approx(call + lg * (a + S * beta), rel=1e-9)
 
 
 def test_shared_ports_split_bandwidth():
     """Two nodes joined by one shared NIC: a flat ring crosses it once per round, direct n/2 times."""
-    topo = Topology.local(8, nodes=[list(range(4)), list(range(4, 8))])
+    topo = Topology.local(8, nodes=[list(range(4)), list(range(4, 8))], cpus=0)
     lay = M._Layout.of(topo)
     lines = M.round_lines(lay, np.array([0, 1]), np.array([4, 5]), 0.25)
-    assert lines.tolist() == [[1.0, 0.5, 0.0]]  # both transfers share NIC 0 of node 0: half a buffer each way
+    assert lines.tolist() == [[1.0, 0.5, 0.0, 1.0]]  # both transfers share NIC 0 of node 0: half a buffer each way
+    lines = M.round_lines(lay, np.array([0, 0, 1]), np.array([1, 1, 2]), 0.25)  # two messages 0->1 share a pair
+    assert sorted(lines.tolist()) == [[0.0, 0.5, 0.0, 1.0], [3.0, 0.5, 0.0, 1.0]]
+
+
+def test_ranks_sharing_cpus_stretch_their_rounds():
+    """4 CPU ranks on 2 cores: a round where all four work takes twice as long as one where two do."""
+    lay = M._Layout.of(Topology.local(4, cpus=2))
+    busy_all = M.round_lines(lay, np.arange(4), (np.arange(4) + 1) % 4, 0.25)
+    busy_two = M.round_lines(lay, np.array([0]), np.array([1]), 0.25)
+    assert busy_all[:, 3].tolist() == [2.0, 2.0] and busy_two[:, 3].tolist() == [1.0, 1.0]
 
 
 # -- native NCCL against published nccl-tests figures (ring all-reduce, 1 GiB, busbw) -------
@@ -178,6 +191,15 @@ def test_one_rank_costs_nothing():
     assert all(model.predict(op, 1 << 20, a) == 0 for op in M.OPS for a in algorithms.supported(C(op)))
 
 
+def test_nvlink_mesh_pairs_own_a_share_of_the_links():
+    from collectives import topology as T
+    mesh = Topology(nodes=[[0, 1, 2, 3]], devices=["H100"] * 4, fabric="nvlink", intra=T.nvlink(4, 18))
+    p = M.default_params(mesh, "gloo")
+    assert p.pair_bandwidth == pytest.approx(p.intra_bandwidth / 3)
+    model = M.CostModel(mesh, "gloo", profile=p)  # all-at-once uses every link, a ring only one pair's
+    assert model.predict("all_gather", 1 << 30, "direct") < model.predict("all_gather", 1 << 30, "ring") / 2
+
+
 def test_pricing_1024_ranks_is_fast():
     topo = Topology.preset("dgx-h100", 128)
     M._STRUCTS.clear()
@@ -195,15 +217,18 @@ def test_pricing_1024_ranks_is_fast():
 # -- calibration ----------------------------------------------------------------------------
 
 def test_fit_recovers_known_parameters(tmp_path):
-    topo = Topology.local(4)
-    truth = M.Params(intra_alpha=0.0, intra_bandwidth=0.8e9, inter_alpha=0.0, inter_bandwidth=1e9,
-                     step_overhead=1.5e-3, reduce_bandwidth=3e9, native_step=0.4e-3)
+    topo = Topology.local(4, cpus=0)
+    truth = M.Params(intra_alpha=0.0, intra_bandwidth=2e9, pair_bandwidth=0.8e9, inter_alpha=0.0,
+                     inter_bandwidth=1e9, step_overhead=1.5e-3, reduce_bandwidth=3e9, native_step=0.4e-3,
+                     call_overhead=0.3e-3, oversubscribed_step=0.0)
     model = M.CostModel(topo, "gloo", profile=truth)
     rows = [{"op": op, "algorithm": a, "bytes": s, "time_us": model.predict(op, s, a) * 1e6}
             for op in ("all_reduce", "reduce_scatter", "all_gather")
-            for a in ("ring", "halving_doubling", "native") for s in (1 << 18, 1 << 20, 1 << 22, 1 << 24)]
+            for a in ("ring", "halving_doubling", "direct", "native") for s in (1 << 18, 1 << 20, 1 << 22, 1 << 24)]
     params, summary = calibrate.fit(rows, topo, "gloo")
     assert params.step_overhead == pytest.approx(truth.step_overhead, rel=0.02)
+    assert params.call_overhead == pytest.approx(truth.call_overhead, rel=0.05)
+    assert params.pair_bandwidth == pytest.approx(truth.pair_bandwidth, rel=0.02)
     assert params.intra_bandwidth == pytest.approx(truth.intra_bandwidth, rel=0.02)
     assert params.reduce_bandwidth == pytest.approx(truth.reduce_bandwidth, rel=0.05)
     assert summary["within_25pct"] == 1.0

@@ -1,0 +1,470 @@
+"""Structural pricing: the rounds of a collective reduced to size- and parameter-free lines.
+
+What [Note: structural lines] in model.py describes: a Layout (rank -> node,
+NIC and host), the lines (tier, f, r, m) of one round of transfers and
+reductions, the evaluation of a Struct (rounds with counts) at given sizes and
+parameters, the rounds of any registry Schedule (the generic path), and the
+rounds of ring, chain, tree, halving-doubling, hierarchical, direct and
+pairwise structures generated directly for any world size. model.py caches
+these per layout and prices them; native_model.py builds the backends' own
+algorithms from them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from .schedule import Collective, Recv, Schedule, Send
+from .topology import Topology
+
+_TIERS = ("intra", "inter", "local", "intra")  # tier 3 (a pair of devices) is intra-node too
+
+
+def coefficients(L: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per line (theta in the order of model.THETA): latency a, seconds per byte over its link, seconds per byte of reduction."""
+    t, m = L[:, 0].astype(int), L[:, 3]
+    a = theta[1] + np.array([theta[2], theta[3], 0.0, theta[2]])[t] + (m > 1) * theta[8]
+    return a, m * L[:, 1] * np.array([theta[4], theta[5], 0.0, theta[7]])[t], m * 3 * L[:, 2] * theta[6]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Rank -> node, global NIC index and host, as arrays; ``cpus`` per host when ranks are CPU-bound."""
+    node: np.ndarray
+    nic: np.ndarray
+    host: np.ndarray
+    cpus: int
+    key: tuple
+
+    @classmethod
+    def of(cls, topo: Topology) -> _Layout:
+        node = np.array(topo.node_of(), dtype=np.int64)
+        nic = node * max(topo.nics_per_node, 1) + np.array(topo.nic_of(), dtype=np.int64)
+        names = {h: i for i, h in enumerate(dict.fromkeys(topo.hosts))}
+        host = np.array([names[topo.hosts[i]] for i in node] if topo.hosts else node, dtype=np.int64)
+        cpus = topo.cpus if topo.devices and topo.devices[0] == "cpu" else 0
+        return cls(node, nic, host, cpus, (tuple(map(tuple, topo.nodes)), topo.nics_per_node,
+                                           tuple(host.tolist()), cpus))
+
+    def stretch(self, busy: np.ndarray) -> np.ndarray:
+        """Per rank: how much longer its work takes with ``busy`` ranks sharing the host's CPUs."""
+        if not self.cpus:
+            return np.ones(len(self.node))
+        per_host = np.bincount(self.host[busy], minlength=int(self.host.max()) + 1)
+        return np.maximum(1.0, per_host[self.host] / self.cpus)
+
+
+Struct = tuple[tuple[int, np.ndarray], ...]  # ((count, lines (k, 4)), ...)
+
+
+def edge_loads(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.ndarray) -> np.ndarray:
+    """Per transfer (inter?, port load, pair load): fractions of the buffer on its busier port and on its pair.
+
+    Transfers of a round that share a device port, a NIC or a pair of devices
+    split its bandwidth, so a transfer ends when its resource has moved
+    everything posted on it.
+    """
+    n = len(lay.node)
+    src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
+    frac = np.broadcast_to(np.asarray(frac, float), src.shape)
+    inter = lay.node[src] != lay.node[dst]
+    ptx = np.where(inter, n + lay.nic[src], src)   # port ids: devices 0..n-1, NICs n..
+    prx = np.where(inter, n + lay.nic[dst], dst)
+    m = n + int(lay.nic.max()) + 1
+    port = np.maximum(np.bincount(ptx, frac, m)[ptx], np.bincount(prx, frac, m)[prx])
+    key = src * n + dst
+    if n * n <= 1 << 24:
+        pair = np.bincount(key, frac, n * n)[key]
+    else:
+        _, idx = np.unique(key, return_inverse=True)
+        pair = np.bincount(idx.ravel(), frac)[idx.ravel()]
+    return np.column_stack([inter.astype(float), port, np.where(inter, 0.0, pair)])
+
+
+def _lines(loads: np.ndarray, r: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Lines of transfers: one on the port or NIC (tier 0/1), one on the pair for intra-node ones (tier 3)."""
+    intra = loads[:, 0] == 0
+    return np.concatenate([np.column_stack([loads[:, 0], loads[:, 1], r, m]),
+                           np.column_stack([np.full(intra.sum(), 3.0), loads[intra, 2], r[intra], m[intra]])])
+
+
+def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.ndarray,
+                red_rank: np.ndarray | None = None, red_frac: float | np.ndarray = 0.0) -> np.ndarray:
+    """The lines of one round: transfers src->dst moving ``frac`` of the buffer; ranks reducing."""
+    n = len(lay.node)
+    red = np.zeros(n)
+    if red_rank is not None and len(red_rank):
+        np.add.at(red, np.asarray(red_rank, np.int64), np.broadcast_to(red_frac, np.shape(red_rank)))
+    src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
+    busy = np.zeros(n, bool)
+    busy[src] = True
+    busy[dst] = True
+    lonely = np.flatnonzero((red > 0) & ~busy)
+    busy[lonely] = True
+    m = lay.stretch(busy)
+    # Both ends of a transfer wait for it; the end that also reduces more finishes last.
+    lines = [_lines(edge_loads(lay, src, dst, frac), np.maximum(red[src], red[dst]), np.maximum(m[src], m[dst])),
+             np.column_stack([np.full(len(lonely), 2.0), np.zeros(len(lonely)), red[lonely], m[lonely]])]
+    out = np.concatenate(lines)
+    return _pareto(out) if len(out) else np.zeros((0, 4))
+
+
+def _pareto(lines: np.ndarray) -> np.ndarray:
+    """Drop lines that another line of the same tier and stretch beats in both f and r (vectorised)."""
+    lines = np.round(lines, 12)
+    keep = []
+    for t in range(4):
+        sel = lines[lines[:, 0] == t]
+        for m in np.unique(sel[:, 3]):
+            sub = sel[sel[:, 3] == m] if sel[:, 3].min() != sel[:, 3].max() else sel
+            z = np.unique(sub[:, 1] + 1j * sub[:, 2])[::-1]  # distinct (f, r): f descending, then r
+            best_r = np.maximum.accumulate(np.concatenate([[-1.0], z.imag[:-1]]))
+            z = z[z.imag > best_r]
+            keep.append(np.column_stack([np.full(len(z), float(t)), z.real, z.imag, np.full(len(z), m)]))
+    return np.concatenate(keep)
+
+
+def _collect(rounds: list[np.ndarray]) -> Struct:
+    counts: Counter = Counter()
+    arrays: dict[bytes, np.ndarray] = {}
+    for lines in rounds:
+        k = lines.tobytes()
+        counts[k] += 1
+        arrays[k] = lines
+    return tuple((c, arrays[k]) for k, c in counts.items() if len(arrays[k]))
+
+
+def evaluate(struct: Struct, theta: np.ndarray, nbytes: np.ndarray, step: float | None = None) -> np.ndarray:
+    """Predicted seconds at each size in ``nbytes`` (an array); ``step`` overrides the step overhead."""
+    th = theta.copy()
+    if step is not None:
+        th[1] = step
+    total = np.full(np.shape(nbytes), th[0])
+    for count, L in struct:
+        a, bl, br = coefficients(L, th)
+        total = total + count * np.max(a[:, None] + (bl + br)[:, None] * nbytes[None, :], axis=0)
+    return total
+
+
+def breakdown(struct: Struct, theta: np.ndarray, nbytes: float) -> dict[str, float]:
+    """Seconds spent on latency, bytes per tier and reduction, following each round's slowest line."""
+    out = dict.fromkeys(("latency", "intra", "inter", "reduce"), 0.0)
+    out["latency"] = theta[0]
+    for count, L in struct:
+        a, bl, br = coefficients(L, theta)
+        j = int(np.argmax(a + (bl + br) * nbytes))
+        out["latency"] += count * a[j]
+        out["reduce"] += count * br[j] * nbytes
+        if int(L[j, 0]) != 2:
+            out[_TIERS[int(L[j, 0])]] += count * bl[j] * nbytes
+    return out
+
+
+# -- rounds of a Schedule -----------------------------------------------------
+
+def schedule_rounds(s: Schedule) -> list[list[int]]:
+    """Rendezvous round of every (rank, step), as verify.py's Trace defines it, in O(ops)."""
+    n = s.world_size
+    sends: dict[tuple[int, int], list[int]] = {}
+    recvs: dict[tuple[int, int], list[int]] = {}
+    partners: list[list[list[tuple[int, int]]]] = [[[] for _ in s.ranks[r]] for r in range(n)]
+    for r in range(n):
+        for i, st in enumerate(s.ranks[r]):
+            for op in st.ops:
+                (sends.setdefault((r, op.peer), []) if isinstance(op, Send)
+                 else recvs.setdefault((op.peer, r), [])).append(i)
+    for (a, b), ss in sends.items():
+        for i, j in zip(ss, recvs.get((a, b), [])):
+            partners[a][i].append((b, j))
+            partners[b][j].append((a, i))
+    rnd: list[list[int]] = [[-1] * len(s.ranks[r]) for r in range(n)]
+    at, stack, waiting = [0] * n, list(range(n)), {}
+    while stack:
+        r = stack.pop()
+        while at[r] < len(rnd[r]):
+            i = at[r]
+            t, blocked = (rnd[r][i - 1] + 1 if i else 0), None
+            for p, j in partners[r][i]:
+                if j and rnd[p][j - 1] < 0:
+                    blocked = (p, j - 1)
+                    break
+                t = max(t, rnd[p][j - 1] + 1 if j else 0)
+            if blocked:
+                waiting.setdefault(blocked, []).append(r)
+                break
+            rnd[r][i] = t
+            at[r] += 1
+            stack.extend(waiting.pop((r, i), ()))
+    if any(at[r] < len(rnd[r]) for r in range(n)):
+        raise ValueError(f"{s.algorithm} {s.collective.value}: schedule deadlocks; run verify() on it")
+    return rnd
+
+
+def price_schedule(s: Schedule, lay: _Layout) -> Struct:
+    """Structural lines of every round of a Schedule (the generic path, any algorithm)."""
+    rnd = schedule_rounds(s)
+    per: dict[int, tuple[list, list, list, list, list]] = {}
+    for r in range(s.world_size):
+        for i, st in enumerate(s.ranks[r]):
+            src, dst, frac, rr, rf = per.setdefault(rnd[r][i], ([], [], [], [], []))
+            for op in st.ops:
+                if isinstance(op, Send):
+                    src.append(r)
+                    dst.append(op.peer)
+                    frac.append(op.nchunks / s.nchunks)
+                elif isinstance(op, Recv) and op.reduce:
+                    rr.append(r)
+                    rf.append(op.nchunks / s.nchunks)
+    rounds = [round_lines(lay, np.array(a, np.int64), np.array(b, np.int64), np.array(f, float),
+                          np.array(c, np.int64), np.array(d, float)) for a, b, f, c, d in per.values()]
+    return _collect(rounds)
+
+
+# -- rounds generated from known structures (any world size, no Schedule) ----
+
+def ring_struct(lay: _Layout, coll: Collective) -> Struct:
+    """Ring reduce-scatter / all-gather / all-reduce: every round every rank sends 1/n to r+1."""
+    n = len(lay.node)
+    src = np.arange(n)
+    dst = (src + 1) % n
+    rs = round_lines(lay, src, dst, 1 / n, dst, np.full(n, 1 / n))
+    ag = round_lines(lay, src, dst, 1 / n)
+    if coll is Collective.REDUCE_SCATTER:
+        return _collect([rs] * (n - 1))
+    if coll is Collective.ALL_GATHER:
+        return _collect([ag] * (n - 1))
+    return _collect([rs] * (n - 1) + [ag] * (n - 1))
+
+
+def chain_struct(lay: _Layout, pipeline: int, first: int = 0, reduce: bool = False) -> Struct:
+    """Pipelined chain (ring broadcast/reduce): edge p carries chunk t-p in round t.
+
+    Round t runs the edges p in [t-k+1, t]; a reducing edge's receiver reduces 1/k,
+    and its sender's line is dominated by it. When no port serves two edges, a
+    round's lines depend only on which kinds of edge its window holds.
+    """
+    n, k = len(lay.node), pipeline
+    if n < 2:
+        return ()
+    src = (first + np.arange(n - 1)) % n
+    dst = (src + 1) % n
+    full = edge_loads(lay, src, dst, 1 / k)
+    if full[:, 1].max() > 1 / k or lay.cpus:  # a port or NIC serves several edges, or ranks share CPUs
+        return windowed_struct(lay, src, dst, np.arange(n - 1), k, 1 / k, reduce, k + n - 2)
+    r = 1 / k if reduce else 0.0
+    kinds, ids = np.unique(full, axis=0, return_inverse=True)
+    ids = ids.ravel()
+    prefix = np.zeros((len(ids) + 1, len(kinds)), np.int64)
+    prefix[1:] = np.cumsum(np.eye(len(kinds), dtype=np.int64)[ids], axis=0)
+    counts: Counter = Counter()
+    for t in range(k + n - 2):
+        lo, hi = max(0, t - k + 1), min(t, n - 2)
+        counts[tuple(np.flatnonzero(prefix[hi + 1] - prefix[lo]))] += 1
+    return tuple((c, _pareto(_lines(kinds[list(key)], np.full(len(key), r), np.ones(len(key)))))
+                 for key, c in counts.items())
+
+
+def windowed_struct(lay: _Layout, src: np.ndarray, dst: np.ndarray, start: np.ndarray, pipeline: int,
+                    frac: float, reduce: bool | np.ndarray, nrounds: int) -> Struct:
+    """Edges that each carry one chunk a round for rounds [start, start + pipeline) (pipelined trees);
+    ``reduce`` (per edge or for all) says whether the receiver reduces it."""
+    src, dst, start = (np.asarray(x, np.int64) for x in (src, dst, start))
+    red = np.broadcast_to(np.asarray(reduce, bool), src.shape)
+    starts = np.unique(start)
+    rounds, memo = [], {}
+    for t in range(nrounds):
+        key = (np.searchsorted(starts, t - pipeline + 1), np.searchsorted(starts, t, side="right"))
+        if key not in memo:  # the active edges are those whose start lies in the window
+            on = (start >= t - pipeline + 1) & (start <= t)
+            memo[key] = round_lines(lay, src[on], dst[on], frac, dst[on & red], frac)
+        rounds.append(memo[key])
+    return _collect(rounds)
+
+
+def _tree_shape(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Height (leaves 0) and depth (root 0) of every node of a tree given by parents (-1: root)."""
+    n = len(parent)
+    depth = np.zeros(n, np.int64)
+    cur = parent.copy()
+    while (cur >= 0).any():
+        depth += cur >= 0
+        cur = np.where(cur >= 0, parent[np.maximum(cur, 0)], -1)
+    height = np.zeros(n, np.int64)
+    for v in np.argsort(-depth, kind="stable"):
+        if parent[v] >= 0:
+            height[parent[v]] = max(height[parent[v]], height[v] + 1)
+    return height, depth
+
+
+def tree_all_reduce_struct(lay: _Layout, pipeline: int) -> Struct:
+    """algorithms/tree.py's double binary tree, both trees at once, each on half the chunks:
+    the child->parent edge (reduced) starts at height(child), parent->child at H + depth(parent)."""
+    from .algorithms.tree import double_tree_parents
+    n, p = len(lay.node), pipeline
+    if n < 2:
+        return ()
+    src, dst, start, up, total = [], [], [], [], 0
+    for parent in map(np.array, double_tree_parents(n)):
+        height, depth = _tree_shape(parent)
+        top = int(height[parent == -1][0])
+        total = max(total, p - 1 + 2 * top)
+        ch = np.flatnonzero(parent >= 0)
+        src += [ch, parent[ch]]
+        dst += [parent[ch], ch]
+        start += [height[ch], top + depth[parent[ch]]]
+        up += [np.ones(len(ch), bool), np.zeros(len(ch), bool)]
+    return windowed_struct(lay, np.concatenate(src), np.concatenate(dst), np.concatenate(start), p,
+                           1 / (2 * p), np.concatenate(up), total)
+
+
+def binomial_struct(lay: _Layout, pipeline: int, reduce: bool) -> Struct:
+    """algorithms/tree.py's pipelined binomial broadcast from rank 0 (reduce: the tree backwards)."""
+    n = len(lay.node)
+    if n < 2:
+        return ()
+    v = np.arange(1, n)
+    j = np.floor(np.log2(v)).astype(np.int64)
+    parent = v - (1 << j)
+    levels = (n - 1).bit_length()
+    if reduce:
+        return windowed_struct(lay, v, parent, levels - 1 - j, pipeline, 1 / pipeline, True, pipeline + levels - 1)
+    return windowed_struct(lay, parent, v, j, pipeline, 1 / pipeline, False, pipeline + levels - 1)
+
+
+def hd_struct(lay: _Layout, coll: Collective, full: bool = False) -> Struct:
+    """algorithms/halving_doubling.py round by round (Thakur et al. 2005; pairs 2i, 2i+1 fold).
+
+    ``full`` gives recursive doubling all-reduce instead (whole buffer every step, MPICH's short-message choice).
+    """
+    n = len(lay.node)
+    if n < 2:
+        return ()
+    m = 1 << (n.bit_length() - 1)
+    r, k = n - m, m.bit_length() - 1
+    surv = np.concatenate([2 * np.arange(r) + 1, np.arange(2 * r, n)]).astype(np.int64)
+    even, odd = 2 * np.arange(r), 2 * np.arange(r) + 1
+    s = np.arange(m)
+    rounds = []
+    if coll is Collective.ALL_REDUCE:
+        if r:
+            rounds.append(round_lines(lay, even, odd, 1.0, odd, 1.0))
+        for i in range(k):
+            f = 1.0 if full else 1 / (2 << i)
+            rounds.append(round_lines(lay, surv, surv[s ^ (1 << i)], f, surv, f))
+        for i in range(0 if full else k):
+            f = 1 / (m >> i)  # the all-gather runs the halving backwards: 1/m, 2/m, ..., 1/2
+            rounds.append(round_lines(lay, surv, surv[s ^ (m >> (i + 1))], f))
+        if r:
+            rounds.append(round_lines(lay, odd, even, 1.0))
+        return _collect(rounds)
+    # Blocked layouts: survivor s owns blocks [lo_s, hi_s) (two for the folded pairs), in survivor order.
+    lo = np.where(surv < 2 * r, surv - 1, surv)
+    hi = surv + 1
+
+    def span(group: int, t: np.ndarray) -> np.ndarray:  # size of the block range of t's group, in blocks
+        first = (t // group) * group
+        return hi[first + group - 1] - lo[first]
+
+    if coll is Collective.REDUCE_SCATTER:
+        if r:
+            rounds.append(round_lines(lay, even, odd, (n - 1) / n, odd, (n - 1) / n))
+        for i in range(k):  # distances m/2, ..., 1: groups of m >> (i+1) survivors
+            d = m >> (i + 1)
+            f = span(d, s ^ d) / n
+            rounds.append(round_lines(lay, surv, surv[s ^ d], f, surv, span(d, s) / n))
+        if r:
+            rounds.append(round_lines(lay, odd, even, 1 / n, even, 1 / n))
+    else:  # all-gather: the reduce-scatter's steps reversed, sending what the group holds
+        if r:
+            rounds.append(round_lines(lay, even, odd, 1 / n))
+        for i in reversed(range(k)):
+            d = m >> (i + 1)
+            rounds.append(round_lines(lay, surv, surv[s ^ d], span(d, s) / n))
+        if r:
+            rounds.append(round_lines(lay, odd, even, (n - 1) / n))
+    return _collect(rounds)
+
+
+def hierarchical_struct(lay: _Layout, nodes: tuple[tuple[int, ...], ...]) -> Struct | None:
+    """algorithms/hierarchical.py with equal nodes: intra ring RS, one ring per rail, intra ring AG."""
+    if len({len(x) for x in nodes}) != 1:
+        return None
+    arr = np.array(nodes, np.int64)
+    N, L = arr.shape
+    src = arr.ravel()
+    intra, rail = np.roll(arr, -1, axis=1).ravel(), np.roll(arr, -1, axis=0).ravel()
+    parts = []
+    if L > 1:
+        parts += [round_lines(lay, src, intra, 1 / L, intra, 1 / L)] * (L - 1)
+    if N > 1:
+        f = 1 / (L * N)
+        parts += [round_lines(lay, src, rail, f, rail, f)] * (N - 1) + [round_lines(lay, src, rail, f)] * (N - 1)
+    if L > 1:
+        parts += [round_lines(lay, src, intra, 1 / L)] * (L - 1)
+    return _collect(parts)
+
+
+def direct_struct(lay: _Layout, coll: Collective) -> Struct:
+    """algorithms/direct.py: every rank sends 1/n to every other at once (reduce-scatter reduces
+    the n-1 arrivals; all-reduce is reduce-scatter then all-gather)."""
+    n = len(lay.node)
+    if n < 2:
+        return ()
+    red = (n - 1) / n
+    if lay.cpus:  # ranks share CPUs: price the n(n-1) transfers one by one
+        src = np.repeat(np.arange(n), n - 1)
+        dst = (src + np.tile(np.arange(1, n), n)) % n
+        rs = round_lines(lay, src, dst, 1 / n, np.arange(n), red)
+        ag = round_lines(lay, src, dst, 1 / n)
+    else:  # uniform r and m: each tier's busiest resource decides, so count loads directly
+        local = np.bincount(lay.node)[lay.node]             # ranks on each rank's node
+        nic = np.bincount(lay.nic, (n - local) / n)         # each NIC: its ranks' traffic to other nodes
+        rows = [(0.0, (local.max() - 1) / n), (3.0, 1 / n)] if local.max() > 1 else []
+        rows += [(1.0, nic.max())] if nic.max() > 0 else []
+        rs = _pareto(np.array([(t, f, red, 1.0) for t, f in rows]))
+        ag = _pareto(np.array([(t, f, 0.0, 1.0) for t, f in rows]))
+    return _collect({Collective.REDUCE_SCATTER: [rs], Collective.ALL_GATHER: [ag]}.get(coll, [rs, ag]))
+
+
+def pairwise_struct(lay: _Layout) -> Struct:
+    """algorithms/pairwise.py: in round s rank r sends its block for r+s to r+s."""
+    n = len(lay.node)
+    if n < 2:
+        return ()
+    r = np.arange(n)
+    if lay.cpus:
+        return _collect([round_lines(lay, r, (r + s) % n, 1 / n) for s in range(1, n)])
+    # No reductions, so a round's lines are its busiest port per tier: vectorise over all rounds.
+    src = np.broadcast_to(r, (n - 1, n))
+    dst = (src + np.arange(1, n)[:, None]) % n
+    inter = lay.node[src] != lay.node[dst]
+    m = n + int(lay.nic.max()) + 1
+    off = (np.arange(n - 1) * m)[:, None]
+    ptx = np.where(inter, n + lay.nic[src], src) + off
+    prx = np.where(inter, n + lay.nic[dst], dst) + off
+    load = np.maximum(np.bincount(ptx.ravel(), minlength=m * (n - 1))[ptx],
+                      np.bincount(prx.ravel(), minlength=m * (n - 1))[prx]) / n
+    counts: Counter = Counter()  # one transfer per pair a round: the pair line carries 1/n
+    for a, b in zip(np.where(inter, 0.0, load).max(axis=1), np.where(inter, load, 0.0).max(axis=1)):
+        rows = ((0.0, a, 0.0, 1.0), (1.0, b, 0.0, 1.0), (3.0, 1 / n if a > 0 else 0.0, 0.0, 1.0))
+        counts[tuple(row for row in rows if row[1] > 0)] += 1
+    return tuple((c, np.array(key)) for key, c in counts.items())
+
+
+def gather_struct(lay: _Layout) -> Struct:
+    """Every rank sends its 1/n block to rank 0 in one round (the tail of gloo's reduce)."""
+    n = len(lay.node)
+    return _collect([round_lines(lay, np.arange(1, n), np.zeros(n - 1, np.int64), 1 / n)]) if n > 1 else ()
+
+
+def join(*parts: Struct) -> Struct:
+    counts: Counter = Counter()
+    arrays: dict[bytes, np.ndarray] = {}
+    for part in parts:
+        for c, L in part:
+            counts[L.tobytes()] += c
+            arrays[L.tobytes()] = L
+    return tuple((c, arrays[k]) for k, c in counts.items())

@@ -24,9 +24,10 @@ and operations. "avg" is a sum followed by one division, as on gloo.
 request (our point-to-point transfers, and ``native``, ``barrier`` and
 ``exchange_json`` through MPI's non-blocking collectives) is completed by
 polling ``MPI_Test`` until the deadline, then raises ``TimeoutError``. The
-requests are still posted then, so the communicator is unusable: abort the job
-(``MPI.COMM_WORLD.Abort()``), as mpirun does when a rank dies. Without a
-timeout, waits block in ``MPI_Wait``.
+request is cancelled where MPI can (receives); the communicator is unusable
+afterwards: abort the job (``MPI.COMM_WORLD.Abort()``), as mpirun does when a
+rank dies. A timed-out transfer raises ``PeerTimeoutError`` naming the peer,
+as on gloo. Without a timeout, waits block in ``MPI_Wait``.
 """
 
 from __future__ import annotations
@@ -44,14 +45,14 @@ from .communicator import Communicator
 from .execute import finish_average
 from .ops import Reduction
 from .schedule import Collective
-from .transport import MpiTransport, Waitable
+from .transport import MpiTransport, PeerTimeoutError, Waitable
 from .validate import overlaps
 
 _HALF = (torch.float16, torch.bfloat16)
 _SPIN = 200  # MPI_Test calls before polling starts to yield the CPU
 
 
-def _wait(req, deadline: float | None, what: str) -> None:
+def _wait(req, deadline: float | None, what: str, rank: int = -1, peer: int = -1) -> None:
     """Complete one MPI request, polling until ``deadline`` (time.monotonic()) when one is set."""
     if deadline is None:
         req.Wait()
@@ -61,23 +62,38 @@ def _wait(req, deadline: float | None, what: str) -> None:
         spins += 1
         if spins > _SPIN:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"MPI {what} did not complete within the communicator's timeout; "
-                                   f"a peer stopped answering (abort the job: MPI.COMM_WORLD.Abort())")
+                _cancel(req)
+                cause = TimeoutError("MPI request not complete at the deadline")
+                if peer >= 0:
+                    raise PeerTimeoutError(rank, peer, what, cause)
+                raise TimeoutError(f"rank {rank}: MPI {what} did not complete within the communicator's timeout: "
+                                   f"a rank stopped answering or is not making the same call (abort the job: "
+                                   f"MPI.COMM_WORLD.Abort())")
             time.sleep(50e-6)
 
 
-class _TimedRequest:
-    __slots__ = ("req", "timeout", "what")
+def _cancel(req) -> None:
+    """Withdraw a timed-out request where MPI can (receives), so it does not land in memory later."""
+    try:
+        req.Cancel()
+        req.Test()
+    except Exception:  # noqa: BLE001 - best effort; the communicator is unusable either way
+        pass
 
-    def __init__(self, req, timeout: float | None, what: str) -> None:
-        self.req, self.timeout, self.what = req, timeout, what
+
+class _TimedRequest:
+    __slots__ = ("req", "timeout", "what", "rank", "peer")
+
+    def __init__(self, req, timeout: float | None, what: str, rank: int, peer: int) -> None:
+        self.req, self.timeout, self.what, self.rank, self.peer = req, timeout, what, rank, peer
 
     def wait(self) -> None:
-        _wait(self.req, None if self.timeout is None else time.monotonic() + self.timeout, self.what)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        _wait(self.req, deadline, self.what, self.rank, self.peer)
 
 
 class TimedMpiTransport(MpiTransport):
-    """``MpiTransport`` whose waits honour a timeout (seconds, None: block)."""
+    """``MpiTransport`` whose waits honour a timeout (seconds, None: block) and name the silent peer."""
 
     def __init__(self, mpi_comm, timeout: float | None = None) -> None:
         super().__init__(mpi_comm)
@@ -86,9 +102,9 @@ class TimedMpiTransport(MpiTransport):
     def post(self, sends: Sequence[tuple[int, torch.Tensor]],
              recvs: Sequence[tuple[int, torch.Tensor]]) -> tuple[list[Waitable], list[Waitable]]:
         s, r = super().post(sends, recvs)
-        t = self.timeout
-        return ([_TimedRequest(w.req, t, f"send to rank {p}") for w, (p, _) in zip(s, sends)],
-                [_TimedRequest(w.req, t, f"receive from rank {p}") for w, (p, _) in zip(r, recvs)])
+        t, me = self.timeout, self.rank
+        return ([_TimedRequest(w.req, t, "send", me, p) for w, (p, _) in zip(s, sends)],
+                [_TimedRequest(w.req, t, "receive", me, p) for w, (p, _) in zip(r, recvs)])
 
 
 # -- MPI operations ------------------------------------------------------------
@@ -153,7 +169,7 @@ class MpiCommunicator(Communicator):
         return TimedMpiTransport(self.mpi_comm, self._timeout_s)
 
     def _complete(self, req, what: str) -> None:
-        _wait(req, None if self._timeout_s is None else time.monotonic() + self._timeout_s, what)
+        _wait(req, None if self._timeout_s is None else time.monotonic() + self._timeout_s, what, self.rank)
 
     # -- native: MPI's own collectives ------------------------------------------
 

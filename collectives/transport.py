@@ -110,8 +110,10 @@ class TorchTransport:
                 ws = [_AllOf([_TorchWork(w, None) for w in works])] * len(ops)
             return ws[:len(sends)], ws[len(sends):]
         g = self.group
-        s = [_TorchWork(g.send([t], p, 0), self.timeout, self.rank, p, "send") for p, t in sends]
+        # Receives first: gloo serialises a pair's two directions when a send is posted before
+        # the matching receive (an exchange then takes two transfer times instead of one).
         r = [_TorchWork(g.recv([t], p, 0), self.timeout, self.rank, p, "receive") for p, t in recvs]
+        s = [_TorchWork(g.send([t], p, 0), self.timeout, self.rank, p, "send") for p, t in sends]
         return s, r
 
 

@@ -8,31 +8,17 @@
 
 from __future__ import annotations
 
-import importlib
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data_parallel import DataParallel
+from .mesh import Mesh
+from .pipeline import Pipeline
 
-# name -> submodule that defines it; imported on first use so each wrapper loads only what it needs
-_EXPORTS = {
-    "DataParallel": "data_parallel",
-    "zero": "zero",
-    "full_state_dict": "zero",
-    "memory_report": "zero",
-    "save_checkpoint": "checkpoint",
-    "load_checkpoint": "checkpoint",
-    "Pipeline": "pipeline",
-    "Mesh": "mesh",
-}
+# Bound after the package import on purpose: ``parallel.zero`` names the function, not
+# the package ``parallel/zero/`` (Python sets the attribute only when it first loads
+# the package, which the line below has already done).
+from .zero import MixedPrecision, full_state_dict, memory_report, zero
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'parallel' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{mod}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__ = [
+    "DataParallel", "Mesh", "MixedPrecision", "Pipeline", "full_state_dict", "load_checkpoint",
+    "memory_report", "save_checkpoint", "zero",
+]

@@ -99,8 +99,19 @@ def time_balance(comm, chunks: int = 2) -> dict:
     return {"balance": pipe.balance}
 
 
+_MESHES: dict[tuple, object] = {}
+
+
+def _mesh(comm, **axes: int):
+    """One Mesh per layout and world: process groups are costly to create and to destroy at shutdown."""
+    key = (id(comm), tuple(axes.items()))
+    if key not in _MESHES:
+        _MESHES[key] = parallel.Mesh(comm=comm, **axes)
+    return _MESHES[key]
+
+
 def mesh_layout(comm, **axes: int) -> dict:
-    mesh = parallel.Mesh(comm=comm, **axes)
+    mesh = _mesh(comm, **axes)
     out = {"coords": mesh.coords}
     for name in mesh.names:
         sub = mesh[name]
@@ -130,7 +141,7 @@ def mesh_pp_dp(comm, schedule: str = "1f1b", chunks: int = 2, steps: int = 3, dp
     dp_mode: "once" (DataParallel told to reduce in the last backward only), "every" (plain DataParallel:
     reduces after every micro-batch's backward), "manual" (an explicit all-reduce after the step).
     """
-    mesh = parallel.Mesh(pp=2, dp=2, comm=comm)
+    mesh = _mesh(comm, pp=2, dp=2)
     dp = mesh["dp"]
     model = make_model(4)
     global_batches = [make_data(8 * chunks, s) for s in range(steps)]
@@ -142,21 +153,23 @@ def mesh_pp_dp(comm, schedule: str = "1f1b", chunks: int = 2, steps: int = 3, dp
         parallel.DataParallel(pipe.module, comm=dp)
     calls = []
     real = dp.all_reduce
-    dp.all_reduce = lambda t, *a, **k: (calls.append(t.numel()), real(t, *a, **k))[1]
+    dp.all_reduce = lambda t, *a, **k: (calls.append(t.numel()), real(t, *a, **k))[1]  # count reductions
     opt = torch.optim.SGD(pipe.module.parameters(), lr=0.1)
     losses = []
-    for x, y in global_batches:
-        half = x.shape[0] // dp.size
-        sl = slice(dp.rank * half, (dp.rank + 1) * half)
-        loss = pipe.step(x[sl], y[sl])
-        if dp_mode == "manual":
-            for p in pipe.module.parameters():
-                dp.all_reduce(p.grad, op="avg")
-        opt.step()
-        opt.zero_grad()
-        real(loss.reshape(1), op="avg")  # the global batch's loss, for the comparison
-        losses.append(loss.item())
-    dp.all_reduce = real
+    try:
+        for x, y in global_batches:
+            half = x.shape[0] // dp.size
+            sl = slice(dp.rank * half, (dp.rank + 1) * half)
+            loss = pipe.step(x[sl], y[sl])
+            if dp_mode == "manual":
+                for p in pipe.module.parameters():
+                    dp.all_reduce(p.grad, op="avg")
+            opt.step()
+            opt.zero_grad()
+            real(loss.reshape(1), op="avg")  # the global batch's loss, for the comparison
+            losses.append(loss.item())
+    finally:
+        del dp.all_reduce
     worst = _compare(pipe.module, ref, losses, ref_losses, 1e-10)
     return {"worst": worst, "coords": mesh.coords, "reductions_per_step": len(calls) / steps}
 

@@ -17,6 +17,48 @@ import pytest
 import torch
 
 import collectives
+from parallel._buckets import GradBuckets, assign_buckets
+
+
+# -- the bucket machinery, in one process ------------------------------------------
+
+
+def _params(*shapes, dtype=torch.float32):
+    return [torch.nn.Parameter(torch.randn(*s, dtype=dtype)) for s in shapes]
+
+
+def test_assign_buckets_caps_dtypes_and_order():
+    ps = _params((10,), (30,), (5,), (100,), (7,)) + _params((4,), dtype=torch.float64)
+    # reverse order 5, 4, 3, 2, 1, 0; first float32 bucket capped at 40 bytes, later ones at 160
+    assert assign_buckets(ps, 160, 40) == [[5], [4], [3], [2, 1], [0]]
+    assert assign_buckets(ps, 1 << 20, 1 << 20) == [[5], [4, 3, 2, 1, 0]]
+    assert assign_buckets(ps, 160, 40, order=[0, 1, 2, 3, 4, 5]) == [[0], [1, 2], [3], [4], [5]]
+    with pytest.raises(ValueError, match="order"):
+        assign_buckets(ps, 160, 40, order=[0, 0, 1, 2, 3, 4])
+
+
+def test_grad_buckets_hand_over_in_order_and_settle_missing_gradients():
+    a, b, c, unused = _params((3,), (4,), (5,), (2,))
+    ready: list[tuple[int, list[float]]] = []
+    finished = []
+    grads = GradBuckets([a, b, c, unused], [[2], [1, 3], [0]], tail=1, align=4,
+                        on_ready=lambda bk: ready.append((bk.index, bk.flat.tolist())),
+                        on_finish=lambda: finished.append(list(grads.missing)))
+    assert [bk.flat.numel() for bk in grads.buckets] == [8, 8, 4]  # 5, 4+2, 3+1 tail, padded to 4
+    (a.sum() + 2 * b.sum() + 3 * c.sum()).backward()
+    assert [i for i, _ in ready] == [0, 1, 2] and finished == [[3]]
+    assert ready[1][1][:6] == [2.0] * 4 + [0.0, 0.0]  # unused's slot zero-filled
+    assert unused.grad is None
+    for i, p in enumerate((a, b, c)):
+        assert p.grad.data_ptr() == grads.view(i).data_ptr()
+    grads.sync = False
+    ready.clear()
+    (a.sum()).backward()
+    assert ready == [] and a.grad.tolist() == [2.0] * 3  # accumulated in the bucket, nothing handed over
+    grads.sync = True
+    old = grads.rebuild([[0, 1, 2, 3]])
+    assert len(old) == 3 and a.grad.tolist() == [2.0] * 3 and a.grad.data_ptr() == grads.buckets[0].flat.data_ptr()
+    grads.remove()
 
 
 def test_bad_arguments_name_the_argument(pool):

@@ -192,13 +192,14 @@ def test_partition():
 # -- training on worker ranks ------------------------------------------------------------------
 
 EQUIVALENCE = [
+    ("1f1b", 1, 2, None), ("interleaved", 1, 3, 4),  # one rank: neighbouring stages hand over in memory
     ("gpipe", 2, 1, None), ("gpipe", 2, 4, None), ("gpipe", 3, 3, None), ("gpipe", 4, 8, None),
     ("1f1b", 2, 2, None), ("1f1b", 2, 5, None), ("1f1b", 3, 2, None), ("1f1b", 3, 6, None), ("1f1b", 4, 8, None),
     ("interleaved", 2, 2, 2), ("interleaved", 2, 4, 3), ("interleaved", 3, 6, 2), ("interleaved", 4, 4, 2),
 ]
 
 
-@pytest.mark.parametrize("schedule,world,chunks,v", EQUIVALENCE)
+@pytest.mark.parametrize("schedule,world,chunks,v", sorted(EQUIVALENCE, key=lambda c: c[1]))  # one world at a time
 def test_training_equals_single_process(pool, schedule, world, chunks, v):
     res = pool.run(world, "tests.pipeline_cases:train_equivalence", schedule, chunks, v)
     names = sorted(n for r in res for n in r["names"])
@@ -258,3 +259,26 @@ def test_errors(pool, case, message):
 def test_mesh_error(pool):
     res = pool.run(2, "tests.pipeline_cases:expect_error", "mesh_size")
     assert all("= 4 ranks, but the communicator has 2" in r for r in res)
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+
+
+def test_benchmark_runs_and_compares_with_torch(tmp_path):
+    """A tiny end-to-end run on 2 local gloo ranks, torch.distributed.pipelining included."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "pipeline.json"
+    cmd = [sys.executable, "-m", "benchmarks.pipeline", "--nproc", "2", "--layers", "4", "--hidden", "8",
+           "--microbatch", "2", "--chunks", "2", "--iters", "1", "--rounds", "1", "--warmup", "1",
+           "--schedules", "1f1b", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["schedule"], r["impl"]) for r in rows] == [("1f1b", "topocomm"), ("1f1b", "torch")]
+    ours = {r["schedule"]: r for r in rows if r["impl"] == "topocomm"}
+    assert ours["1f1b"]["peak_microbatches"] == [2, 1] == ours["1f1b"]["peak_bound"]
+    assert 0.0 <= ours["1f1b"]["bubble"] < 1.0 and ours["1f1b"]["bubble_theory"] == pytest.approx(1 / 3)
+    assert all(r["samples_per_s"] > 0 for r in rows)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import parallel as P
+from parallel.zero import MixedPrecision
 
 GLOBAL_BATCH = 24  # divisible by every world size 1..4, twice (micro-batches)
 IN, OUT = 7, 3
@@ -123,14 +124,19 @@ def reference(kind: str, optim: str, steps: int, first_step: int = 0,
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train(comm, model, opt, steps: int, first_step: int = 0, micro: int = 1) -> None:
+def train(comm, model, opt, steps: int, first_step: int = 0, micro: int = 1, clip: float | None = None) -> list[float]:
+    """Train; with ``clip``, clip by the global gradient norm and return the norms before clipping."""
+    norms = []
     for s in range(first_step, first_step + steps):
         x, y = batch(s)
-        x, y = local(x, comm.rank, comm.size), local(y, comm.rank, comm.size)
+        x, y = local(x, comm.rank, comm.size).to(comm.device), local(y, comm.rank, comm.size).to(comm.device)
         for xm, ym in zip(x.chunk(micro), y.chunk(micro)):
-            (F.mse_loss(model(xm), ym) / micro).backward()
+            (F.mse_loss(model(xm).float(), ym) / micro).backward()
+        if clip is not None:
+            norms.append(opt.clip_grad_norm_(clip).item())
         opt.step()
         opt.zero_grad()
+    return norms
 
 
 def max_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
@@ -168,18 +174,40 @@ def equivalence(comm, steps: int = 3) -> list[tuple[tuple, float, int]]:
     return out
 
 
+def clipping(comm, steps: int = 3, max_norm: float = 0.05) -> list[tuple[int, float, float]]:
+    """Per stage: (stage, max parameter error, max norm error) against torch.nn.utils.clip_grad_norm_."""
+    ref = make_model()
+    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    want_norms = []
+    for s in range(steps):
+        x, y = batch(s)
+        F.mse_loss(ref(x), y).backward()
+        want_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm).item())
+        ropt.step()
+        ropt.zero_grad()
+    assert min(want_norms) > max_norm  # clipping happens
+    out = []
+    for stage in (1, 2, 3):
+        model, opt = P.zero(make_model(), torch.optim.AdamW, stage=stage, comm=comm, lr=1e-2, bucket_mb=4e-4)
+        norms = train(comm, model, opt, steps, clip=max_norm)
+        err = max_error(P.full_state_dict(model), dict(ref.state_dict()))
+        out.append((stage, err, max(abs(a - b) for a, b in zip(norms, want_norms))))
+    return out
+
+
 def mixed_precision(comm, steps: int = 3) -> list[dict]:
     """Per stage: bf16 compute, fp32 masters; distance to the fp32 reference and the memory report."""
     want = reference("net", "adamw", steps)
     out = []
     for stage in (1, 2, 3):
+        mp = MixedPrecision(output_dtype=torch.float32) if stage == 2 else torch.bfloat16
         model, opt = P.zero(make_model(), torch.optim.AdamW, stage=stage, comm=comm, lr=1e-2, weight_decay=0.1,
-                            mixed_precision=torch.bfloat16)
+                            mixed_precision=mp)
         dtypes = {p.dtype for p in model.module.parameters()}
         train(comm, model, opt, steps)
         # a backward without zero_grad, so gradients are held when memory is counted
-        x, y = batch(99)
-        F.mse_loss(model(local(x, comm.rank, comm.size)), local(y, comm.rank, comm.size)).backward()
+        x, y = (local(t, comm.rank, comm.size).to(comm.device) for t in batch(99))
+        F.mse_loss(model(x).float(), y).backward()
         report = P.memory_report(model, opt).as_dict()
         got = P.full_state_dict(model)
         out.append({"stage": stage, "error": max_error(got, want), "compute_dtypes": sorted(map(str, dtypes)),
@@ -280,3 +308,35 @@ def api_checks(comm) -> dict:
         except (ValueError, TypeError) as e:
             out[bad] = str(e)
     return out
+
+
+def run_all(comm, tol: float) -> list[str]:
+    """Every case once, for a world started by a launcher (the CUDA/NCCL test: ``torchrun -m tests.zero_cases``)."""
+    import tempfile
+
+    problems = [f"equivalence {cfg}: error {err:.3g}" for cfg, err, _ in equivalence(comm) if err > tol]
+    problems += [f"clipping stage {st}: error {e:.3g}, norm error {ne:.3g}"
+                 for st, e, ne in clipping(comm) if max(e, ne) > tol]
+    problems += [f"mixed precision stage {r['stage']}: error {r['error']:.3g}"
+                 for r in mixed_precision(comm) if r["error"] > 5e-2]
+    directory = comm.exchange_json(tempfile.mkdtemp(prefix="zero-ckpt-") if comm.rank == 0 else None)[0]
+    for stage in (1, 2, 3):
+        err = save_after(comm, f"{directory}/s{stage}", stage, "net", 2)
+        err = max(err, load_and_continue(comm, f"{directory}/s{stage}", stage % 3 + 1, "net", 2, 2))
+        if err > tol:
+            problems.append(f"checkpoint saved at stage {stage}, loaded at stage {stage % 3 + 1}: error {err:.3g}")
+    return problems
+
+
+if __name__ == "__main__":
+    import sys
+
+    import collectives
+
+    comm = collectives.init(timeout=120)
+    found = run_all(comm, tol=1e-4 if comm.device.type == "cuda" else 2e-6)
+    print(f"rank {comm.rank} on {comm.device} ({comm.backend}): " + ("ok" if not found else "; ".join(found)),
+          flush=True)
+    from benchmarks.zero_memory import exit_process  # NCCL: destroy_process_group was seen to hang
+
+    exit_process(comm, 1 if found else 0)

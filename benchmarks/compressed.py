@@ -1,0 +1,85 @@
+"""Compressed all-reduce against the backend's float32 all-reduce, same run, same buffers.
+
+    torchrun --nproc-per-node 4 -m benchmarks.compressed [--json out.json]
+
+"Effective busbw" counts the float32 payload: busbw = (4 bytes x count / time)
+x 2(n-1)/n, so a 16-bit wire format that halves the bytes moved can exceed
+the float32 figure. Also prints the relative error against a float64 sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.distributed as dist
+
+import collectives as C
+
+
+def dist_device() -> torch.device:
+    """Where the default group's collectives take tensors (CUDA for NCCL)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _time(fn, iters: int, sync) -> float:
+    for _ in range(3):
+        fn()
+    sync()
+    dist.barrier()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    took = torch.tensor([(time.perf_counter() - t) / iters], device=dist_device())
+    dist.all_reduce(took, op=dist.ReduceOp.MAX)  # the slowest rank's time
+    return took.item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="16M,64M,256M,1G")
+    p.add_argument("--algos", default="direct,ring")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--json")
+    args = p.parse_args()
+    comm = C.init()
+    n, dev = comm.size, comm.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    rows = []
+    for text in args.sizes.split(","):
+        nbytes = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        count = nbytes // 4
+        x = torch.randn(count, device=dev)  # never modified: each timed call reduces a scratch copy
+        ref = x.double()
+        dist.all_reduce(ref)
+        z = x.clone()
+        t_native = _time(lambda: comm.all_reduce(z, algorithm="native"), args.iters, sync)
+        bw = lambda s: nbytes / s * 2 * (n - 1) / n / 1e9  # noqa: E731
+        row = {"bytes": nbytes, "native_fp32_us": t_native * 1e6, "native_fp32_busbw": bw(t_native)}
+        for algo in args.algos.split(",") + ["native"]:
+            y = torch.empty_like(x)
+            t = _time(lambda: comm.all_reduce(y.copy_(x), algorithm=algo, compress="bf16"), args.iters, sync)
+            t_copy = _time(lambda: y.copy_(x), args.iters, sync)
+            y.copy_(x)
+            comm.all_reduce(y, algorithm=algo, compress="bf16")
+            err = ((y.double() - ref).norm() / ref.norm()).item()
+            s = max(t - t_copy, 1e-9)
+            row[f"{algo}_bf16_us"] = s * 1e6
+            row[f"{algo}_bf16_busbw"] = bw(s)
+            row[f"{algo}_bf16_vs_native_fp32"] = t_native / s
+            row[f"{algo}_bf16_rel_error"] = err
+        rows.append(row)
+        if comm.rank == 0:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    if comm.rank == 0 and args.json:
+        with open(args.json, "w") as f:
+            json.dump({"world_size": n, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

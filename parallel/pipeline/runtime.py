@@ -1,0 +1,228 @@
+"""Executing one rank's lowered pipeline program.
+
+The runtime walks the program once per step. A batch of communication
+actions is posted with one transport call; a compute action first waits for
+the receive it consumes; sends are waited for at the end of the step
+([Note: communication semantics] in schedule.py). Receive buffers are
+allocated from the boundary specs agreed before the first step, so no shape
+ever travels at run time.
+
+[Note: gradient scaling] The last stage back-propagates ``loss_i / m`` for
+each of the m micro-batches, so the gradients accumulated in ``.grad`` are
+the mean over micro-batches: with a mean-reduced loss and equal micro-batches
+that is the gradient of the loss on the whole batch, as in single-process
+training.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, PipelineSchedule, batches
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """Shape and dtype of a tensor crossing a stage boundary."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> Spec:
+        return cls(tuple(t.shape), t.dtype)
+
+    def to_json(self) -> list:
+        return [list(self.shape), str(self.dtype).removeprefix("torch.")]
+
+    def empty(self, device: torch.device) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device=device)
+
+
+@dataclass
+class StepStats:
+    """What the last step did on this rank."""
+
+    peak_activations: dict[int, int] = field(default_factory=dict)  # stage -> most micro-batches held
+    # with profiling on: (action, start, end) in seconds from the step's start, compute actions only
+    timeline: list[tuple[Action, float, float]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def compute_s(self) -> float:
+        return sum(end - start for _, start, end in self.timeline)
+
+
+def post(comm, sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[int, torch.Tensor]]):
+    """Post one batch of transfers together (NCCL needs one grouped call); returns (send, recv) waitables."""
+    transport = getattr(getattr(comm, "_executor", None), "transport", None)
+    if transport is not None:
+        return transport.post(list(sends), list(recvs))
+    return [comm.isend(t, p) for p, t in sends], [comm.irecv(t, p) for p, t in recvs]
+
+
+class _Timer:
+    """Start/end times of compute actions: host clock on CPU, CUDA events on GPU (no synchronisation)."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.cuda = device.type == "cuda"
+        self.enabled = enabled
+        self.marks: list[tuple[Action, object, object]] = []
+        self.origin = self._now() if enabled else None
+
+    def _now(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def start(self):
+        return self._now() if self.enabled else None
+
+    def stop(self, a: Action, started) -> None:
+        if self.enabled:
+            self.marks.append((a, started, self._now()))
+
+    def timeline(self) -> list[tuple[Action, float, float]]:
+        if self.cuda:
+            torch.cuda.current_stream().synchronize()
+            return [(a, self.origin.elapsed_time(s) / 1e3, self.origin.elapsed_time(e) / 1e3)
+                    for a, s, e in self.marks]
+        return [(a, s - self.origin, e - self.origin) for a, s, e in self.marks]
+
+
+class _StepState:
+    """The tensors in flight during one step on one rank."""
+
+    def __init__(self, stages: dict[int, nn.Module], loss_dtype: torch.dtype, device: torch.device) -> None:
+        self.inputs: dict[tuple[int, int], torch.Tensor] = {}  # stage input, kept for its gradient
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # stage output with its graph (the loss, last)
+        self.handoff: dict[tuple, torch.Tensor] = {}  # same-rank neighbour stages: activation or gradient
+        self.to_send: dict[Action, torch.Tensor] = {}  # input gradients waiting for their SEND_B
+        self.received: dict[Action, tuple[torch.Tensor, object]] = {}
+        self.sent: list[tuple[torch.Tensor, object]] = []  # send buffers stay alive until waited for
+        self.held = {s: 0 for s in stages}
+        self.stats = StepStats(peak_activations=dict(self.held))
+        self.loss_sum = torch.zeros((), dtype=loss_dtype, device=device)
+
+
+class Runtime:
+    """Runs ``schedule.ranks[rank]`` (lowered) over this rank's ``stages`` with ``comm``'s point-to-point."""
+
+    def __init__(self, comm, schedule: PipelineSchedule, stages: dict[int, nn.Module],
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.comm, self.schedule, self.stages, self.loss_fn = comm, schedule, stages, loss_fn
+        self.items = batches(schedule.ranks[comm.rank])
+        self.last = schedule.nstages - 1
+        self.last_backward = max((k for k, it in enumerate(self.items) if isinstance(it, Action) and it.kind is B),
+                                 default=-1)
+
+    def _local(self, a: int, b: int) -> bool:
+        return self.schedule.rank_of(a) == self.schedule.rank_of(b)
+
+    def run(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], specs: Sequence[Spec],
+            profile: bool = False,
+            grad_sync: Callable[[bool], None] | None = None) -> tuple[torch.Tensor, StepStats]:
+        """One step over micro-batches ``xs``/``ys``; ``specs[s]`` is stage s's output (the last: the loss).
+
+        ``grad_sync(flag)`` runs before every backward: True only before this rank's last one, so a
+        data-parallel wrapper reduces gradients once per step. Returns the sum of the micro-batch losses
+        (zero off the last stage) and the step's stats.
+        """
+        st = _StepState(self.stages, specs[-1].dtype, self.comm.device)
+        timer = _Timer(self.comm.device, profile)
+        wall = time.perf_counter()
+        for k, item in enumerate(self.items):
+            if not isinstance(item, Action):
+                self._post(item, st, specs)
+            elif item.kind is F:
+                inp = self._forward_input(item, xs, st)  # waits for its receive outside the timed span
+                started = timer.start()
+                self._forward(item, inp, ys, st)
+                timer.stop(item, started)
+            else:
+                if grad_sync is not None:
+                    grad_sync(k == self.last_backward)
+                grad = self._output_grad(item, len(xs), st)
+                started = timer.start()
+                self._backward(item, grad, st)
+                timer.stop(item, started)
+        for _, h in st.sent:
+            h.wait()
+        st.stats.wall_s = time.perf_counter() - wall
+        if profile:
+            st.stats.timeline = timer.timeline()
+        return st.loss_sum, st.stats
+
+    def _forward_input(self, a: Action, xs, st: _StepState) -> torch.Tensor:
+        s, i = a.stage, a.microbatch
+        if s == 0:
+            return xs[i]
+        if self._local(s - 1, s):
+            t = st.handoff.pop((s, i))
+        else:
+            t, h = st.received.pop(Action(s, RECV_F, i))
+            h.wait()
+        return t.requires_grad_(t.is_floating_point() or t.is_complex())
+
+    def _forward(self, a: Action, inp: torch.Tensor, ys, st: _StepState) -> None:
+        s, i = a.stage, a.microbatch
+        out = self.stages[s](inp)
+        if s == self.last:
+            out = self.loss_fn(out, ys[i])
+            st.loss_sum += out.detach().reshape(())
+        elif self._local(s, s + 1):
+            st.handoff[(s + 1, i)] = out.detach()
+        if s > 0:
+            st.inputs[(s, i)] = inp
+        st.outputs[(s, i)] = out
+        st.held[s] += 1
+        st.stats.peak_activations[s] = max(st.stats.peak_activations[s], st.held[s])
+
+    def _output_grad(self, a: Action, m: int, st: _StepState) -> torch.Tensor:
+        s, i = a.stage, a.microbatch
+        if s == self.last:
+            return torch.full_like(st.outputs[(s, i)], 1.0 / m)  # [Note: gradient scaling]
+        if self._local(s, s + 1):
+            return st.handoff.pop((s, i, "grad"))
+        t, h = st.received.pop(Action(s, RECV_B, i))
+        h.wait()
+        return t
+
+    def _backward(self, a: Action, grad: torch.Tensor, st: _StepState) -> None:
+        s, i = a.stage, a.microbatch
+        out = st.outputs.pop((s, i))
+        if out.requires_grad:
+            torch.autograd.backward(out, grad)
+        st.held[s] -= 1
+        if s > 0:
+            inp = st.inputs.pop((s, i))
+            g = inp.grad if inp.grad is not None else torch.zeros_like(inp)
+            if self._local(s - 1, s):
+                st.handoff[(s - 1, i, "grad")] = g
+            else:
+                st.to_send[Action(s, SEND_B, i)] = g
+
+    def _post(self, batch: tuple[Action, ...], st: _StepState, specs: Sequence[Spec]) -> None:
+        sends, recvs, recv_actions = [], [], []
+        dev = self.comm.device
+        for a in batch:
+            r = self.schedule.rank_of(a.stage + (1 if a.kind in (SEND_F, RECV_B) else -1))
+            if a.kind is SEND_F:
+                sends.append((r, st.outputs[(a.stage, a.microbatch)].detach().contiguous()))
+            elif a.kind is SEND_B:
+                sends.append((r, st.to_send.pop(a).contiguous()))
+            else:
+                boundary = a.stage if a.kind is RECV_B else a.stage - 1
+                recvs.append((r, specs[boundary].empty(dev)))
+                recv_actions.append(a)
+        s_waits, r_waits = post(self.comm, sends, recvs)
+        st.sent.extend(zip((t for _, t in sends), s_waits))
+        for a, (_, t), w in zip(recv_actions, recvs, r_waits):
+            st.received[a] = (t, w)

@@ -216,9 +216,9 @@ def _params(p: Params, theta: np.ndarray) -> Params:
 def load_rows(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(header, rows) of a busbw JSON file: {"header": {...}, "rows": [...]} or a bare list of rows."""
     doc = json.loads(Path(path).read_text())
-    if isinstance(doc, list):
-        return {}, doc
-    return doc.get("header", {}), doc.get("rows", doc.get("results", []))
+    header, rows = ({}, doc) if isinstance(doc, list) else (doc.get("header", {}), doc.get("rows", doc.get("results", [])))
+    # "auto" rows time the model's own pick: they measure no algorithm, so they can't calibrate one.
+    return header, [r for r in rows if r.get("algorithm") != "auto"]
 
 
 # ---------------------------------------------------------------------------
@@ -363,6 +363,9 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("rows", help="busbw JSON ({header, rows} or a list of rows)")
     f.add_argument("--save", required=True, help="profile to write")
     f.add_argument("--backend", default=None)
+    f.add_argument("--topology", default=None,
+                   help="topology JSON of the measured machine (python -m collectives topology --save), "
+                        "for sweeps whose header does not carry one")
     a = ap.parse_args(argv)
     if a.cmd == "measure":
         if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
@@ -378,7 +381,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     header, rows = load_rows(a.rows)
     backend = a.backend or header.get("backend", "gloo")
-    if "topology" in header:  # re-derive from the raw reports, so detection fixes apply to old sweeps
+    if a.topology:
+        topo = Topology.load(a.topology)
+    elif "topology" in header:  # re-derive from the raw reports, so detection fixes apply to old sweeps
         reports = header["topology"].get("details", {}).get("reports")
         topo = from_reports(reports) if reports else Topology.from_json(header["topology"])
     else:

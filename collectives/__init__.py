@@ -6,7 +6,7 @@
 """
 
 from . import algorithms as _algorithms
-from .bootstrap import default_communicator, init
+from .bootstrap import default_communicator, init, shutdown
 from .communicator import AUTO, CollectiveMismatchError, Communicator, Handle
 from .model import CostModel, Plan
 from .ops import Reduction
@@ -71,5 +71,5 @@ __all__ = [
     "ALGORITHMS", "AUTO", "Collective", "CollectiveMismatchError", "Communicator", "CostModel", "Handle",
     "Plan", "Reduction", "Schedule", "ScheduleError", "Topology", "all_gather", "all_reduce", "all_to_all",
     "barrier", "broadcast", "default_communicator", "format_schedule", "init", "irecv", "isend", "parse_schedule",
-    "plan", "recv", "reduce", "reduce_scatter", "send", "verify",
+    "plan", "recv", "reduce", "reduce_scatter", "send", "shutdown", "verify",
 ]

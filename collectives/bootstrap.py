@@ -315,3 +315,13 @@ def default_communicator() -> Communicator:
             raise RuntimeError("collectives: not initialised; call collectives.init() first")
         _default = Communicator()
     return _default
+
+
+def shutdown() -> None:
+    """Close the default communicator and destroy the process group ``init()`` created."""
+    global _default
+    if _default is not None:
+        _default.close()
+        _default = None
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -331,6 +331,8 @@ class Communicator:
             return result
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="topocomm")
+        while self._pending and self._pending[0].done() and self._pending[0].exception() is None:
+            self._pending.popleft()  # finished and waited for by their handles: nothing left to order
         fut = self._worker.submit(run)
         self._pending.append(fut)
         return Handle(result, future=fut)
@@ -344,6 +346,16 @@ class Communicator:
         self._drain()
         if self._stream is not None:
             self._stream.synchronize()
+
+    def close(self) -> None:
+        """Finish queued work and release what the communicator holds (worker thread, captured
+        CUDA graphs and their memory pools). Call before destroying the process group."""
+        self.synchronize()
+        if self._graphs is not None:
+            self._graphs.clear()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
 
 
 def _block(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:

@@ -56,7 +56,7 @@ def _models(comm) -> dict[str, Any]:
     from collectives.model import CostModel
     from collectives.topology import ethernet
 
-    gbps = float(os.environ.get("TOPOCOMM_EMULATED_NIC_GBPS", "0") or 0)
+    gbps = float(os.environ.get("TOPOCOMM_NIC_GBPS", "0") or 0)
     out = {"detected": comm.model}
     if gbps:
         link = ethernet(gbps)

@@ -257,9 +257,11 @@ def detect_local(env: dict[str, str] | None = None, sysfs: str = "/sys") -> dict
     local_rank = next((int(env[v]) for v in _LOCAL_RANK_VARS if env.get(v, "").isdigit()), 0)
     # torchrun's GROUP_RANK names the agent: two agents on one host are two nodes.
     node = f"group{env['GROUP_RANK']}" if env.get("GROUP_RANK", "").isdigit() else host
+    # TOPOCOMM_NIC_GBPS states the inter-node link where sysfs can't see it (veth, tunnels, VMs).
+    nics = ([{"name": "configured", "kind": "eth", "gbps": float(env["TOPOCOMM_NIC_GBPS"])}]
+            if env.get("TOPOCOMM_NIC_GBPS") else _detect_nics(sysfs))
     report: dict[str, Any] = {"host": host, "node": node, "local_rank": local_rank,
-                              "cpus": usable_cpus(), "device": "cpu",
-                              "nics": _detect_nics(sysfs)}
+                              "cpus": usable_cpus(), "device": "cpu", "nics": nics}
     gpu = _detect_gpu(local_rank, sysfs)
     if gpu:
         report.update(gpu)

@@ -24,7 +24,7 @@ Ranks get torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, GROUP_RANK = node, MASTER_ADDR = node 0's address,
 MASTER_PORT) plus GLOO_SOCKET_IFNAME=eth0, so gloo binds to the emulated
 NIC; ``--launcher torchrun`` runs one torchrun agent per namespace instead
-(static rendezvous at node 0). ``TOPOCOMM_EMULATED_NIC_GBPS`` tells ranks the
+(static rendezvous at node 0). ``TOPOCOMM_NIC_GBPS`` tells ranks the
 emulated rate (topology detection cannot see it: a veth is not a NIC).
 
 Teardown always runs: on exit, on an exception, on SIGTERM/SIGINT (atexit
@@ -269,7 +269,7 @@ class Emulation:
                "PYTHONPATH": os.pathsep.join(filter(None, [_REPO, os.environ.get("PYTHONPATH")])),
                "TOPOCOMM_EMULATED_NODES": str(self.spec.nodes)}
         if self.spec.rate is not None:
-            env["TOPOCOMM_EMULATED_NIC_GBPS"] = f"{parse_rate(self.spec.rate) / 1e9:g}"
+            env["TOPOCOMM_NIC_GBPS"] = f"{parse_rate(self.spec.rate) / 1e9:g}"
         return env
 
     def _popen(self, ns: str, cmd: Sequence[str], env: dict[str, str]) -> subprocess.Popen:

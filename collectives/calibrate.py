@@ -113,7 +113,8 @@ def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, 
         x[6] += count * m * 3 * L[j, 2] * nbytes
         if tier != 2:
             x[2 + (tier == 1)] += count
-            x[{0: 4, 1: 5, 3: 7}[tier]] += count * m * L[j, 1] * nbytes
+            stretch = 1 if tier == 1 else m  # [Note: CPU stretch]: a wire is not slowed by busy cores
+            x[{0: 4, 1: 5, 3: 7}[tier]] += count * stretch * L[j, 1] * nbytes
     return x
 
 

@@ -26,9 +26,13 @@ first reduces every round to a few "lines" (tier, f, r, m):
   and a rank waiting on a descheduled peer pays a scheduler slice per step).
 
 With parameters theta a line costs
-``step + alpha[tier] + [m > 1] sched + m (f / B[tier] + 3 r / R) nbytes`` and a
-call adds a fixed ``call`` overhead, so a prediction is linear in theta once
-each round's slowest line is known; calibrate.py fits theta that way.
+``step + alpha[tier] + [m > 1] sched + (w f / B[tier] + m 3 r / R) nbytes``, with
+w = m for the host-bound tiers 0 and 3 and w = 1 for a NIC (tier 1): a slow
+host does not slow the wire ([Note: CPU stretch] in rounds.py; an
+oversubscribed inter-node transfer also gets a tier-0 line for the host's copy
+of its bytes, so the slower of the two binds). A call adds a fixed ``call``
+overhead, so a prediction is linear in theta once each round's slowest line is
+known; calibrate.py fits theta that way.
 Identical rounds are stored once with a count: a 1,024-rank ring costs one
 round of work.
 
@@ -49,7 +53,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -84,6 +88,7 @@ class Params:
     native_step: float        # s per step inside the backend's own collectives (gloo, MPI)
     call_overhead: float = 0.0  # s per collective call through the Communicator, any algorithm
     oversubscribed_step: float = 1e-3  # s more per step when a host's busy ranks outnumber its cores
+    nodes: int = 1            # nodes of the run it was calibrated on: one node measures no inter-node link
     native: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # world -> op -> [alpha, s/byte]
     source: str = "defaults"
 
@@ -124,7 +129,22 @@ def default_params(topo: Topology, backend: str) -> Params:
                   inter_alpha=nic.latency, inter_bandwidth=nic.effective,
                   step_overhead=_STEP.get(backend, 50e-6),
                   reduce_bandwidth=topo.device_spec(0).memory_bandwidth,
-                  native_step=_NATIVE_STEP.get(backend, 10e-6), call_overhead=_CALL.get(backend, 50e-6))
+                  native_step=_NATIVE_STEP.get(backend, 10e-6), call_overhead=_CALL.get(backend, 50e-6),
+                  nodes=topo.num_nodes)
+
+
+def for_topology(p: Params, topo: Topology) -> Params:
+    """A found profile (shipped, or ``$TOPOCOMM_PROFILE``) applied to ``topo``.
+
+    Profiles are matched on the hardware of one node (calibrate.hardware_key), and one calibrated on
+    one node has only default inter-node terms and straight-line fits of ``native`` measured inside a
+    node. On a multi-node topology such a profile takes the inter-node link from the topology
+    (detected, or stated by ``$TOPOCOMM_NIC_GBPS``) and prices ``native`` by its backend model.
+    """
+    if topo.num_nodes < 2 or p.nodes > 1 or topo.nic is None:
+        return p
+    return replace(p, inter_alpha=topo.nic.latency, inter_bandwidth=topo.nic.effective, native={},
+                   source=f"{p.source} + inter-node {topo.nic.kind} from the topology")
 
 
 THETA = ("call", "step", "alpha_intra", "alpha_inter", "1/B_intra", "1/B_inter", "1/R", "1/B_pair", "sched")
@@ -187,6 +207,7 @@ class CostModel:
         self.topology, self.backend = topology, backend
         if profile is None:
             profile = calibrate.find_profile(topology, backend)
+            profile = for_topology(profile, topology) if profile is not None else None
         elif not isinstance(profile, Params):
             profile = calibrate.load_profile(profile)
         self.params: Params = profile if profile is not None else default_params(topology, backend)

@@ -27,7 +27,11 @@ def coefficients(L: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """Per line (theta in the order of model.THETA): latency a, seconds per byte over its link, seconds per byte of reduction."""
     t, m = L[:, 0].astype(int), L[:, 3]
     a = theta[1] + np.array([theta[2], theta[3], 0.0, theta[2]])[t] + (m > 1) * theta[8]
-    return a, m * L[:, 1] * np.array([theta[4], theta[5], 0.0, theta[7]])[t], m * 3 * L[:, 2] * theta[6]
+    # [Note: CPU stretch] m slows what the host's cores do (intra-node copies, reductions, scheduling),
+    # not the inter-node wire: bytes over a NIC (tier 1) move at the link's rate. The host's side of
+    # those bytes is priced by the tier-0 line _lines adds beside an oversubscribed inter-node transfer.
+    wire = np.where(t == 1, 1.0, m)
+    return a, wire * L[:, 1] * np.array([theta[4], theta[5], 0.0, theta[7]])[t], m * 3 * L[:, 2] * theta[6]
 
 
 @dataclass(frozen=True)
@@ -85,10 +89,18 @@ def edge_loads(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.
 
 
 def _lines(loads: np.ndarray, r: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Lines of transfers: one on the port or NIC (tier 0/1), one on the pair for intra-node ones (tier 3)."""
+    """Lines of transfers: one on the port or NIC (tier 0/1), one on the pair for intra-node ones (tier 3).
+
+    An inter-node transfer whose ends share oversubscribed cores (m > 1) also gets a tier-0 line: the
+    host copies its bytes at the intra-node rate, stretched by m. The NIC line is not stretched
+    ([Note: CPU stretch] in coefficients), so the slower of the wire and the host's copy binds: a
+    rate-limited link is the wire, a loopback "NIC" between nodes on one host is the host.
+    """
     intra = loads[:, 0] == 0
+    host = ~intra & (m > 1)
     return np.concatenate([np.column_stack([loads[:, 0], loads[:, 1], r, m]),
-                           np.column_stack([np.full(intra.sum(), 3.0), loads[intra, 2], r[intra], m[intra]])])
+                           np.column_stack([np.full(intra.sum(), 3.0), loads[intra, 2], r[intra], m[intra]]),
+                           np.column_stack([np.zeros(host.sum()), loads[host, 1], r[host], m[host]])])
 
 
 def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.ndarray,

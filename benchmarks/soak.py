@@ -61,6 +61,7 @@ def _worker(rank: int, size: int, port: int, args: argparse.Namespace, q) -> Non
     t0 = time.monotonic()
     rss_start = None
     rounds = 0
+    rss_rounds: list[float] = []  # after each round: growth that stops is caches filling, not a leak
     while True:
         for i in range(0, len(cases), batch):
             res = sweep(comm, cases[i:i + batch])
@@ -69,6 +70,7 @@ def _worker(rank: int, size: int, port: int, args: argparse.Namespace, q) -> Non
             if rss_start is None:
                 rss_start = _rss_mib()  # after the first batch: caches and pools are warm
         rounds += 1
+        rss_rounds.append(round(_rss_mib(), 1))
         # every rank takes the same decision: ranks agree on the elapsed time via a max-reduce
         flag = torch.tensor([1.0 if deadline is not None and time.monotonic() < deadline else 0.0])
         comm.all_reduce(flag, op="min", algorithm="native")
@@ -76,7 +78,7 @@ def _worker(rank: int, size: int, port: int, args: argparse.Namespace, q) -> Non
             break
     took = time.monotonic() - t0
     q.put({"rank": rank, "calls": done, "wrong": wrong, "seconds": took, "rounds": rounds,
-           "rss_start_mib": rss_start, "rss_end_mib": _rss_mib(),
+           "rss_start_mib": rss_start, "rss_end_mib": _rss_mib(), "rss_after_round_mib": rss_rounds,
            "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     secs = max(d["seconds"] for d in results)
     print(f"soak: {args.nproc} ranks, {calls} calls per rank in {secs:.0f} s, wrong results {wrong}, hangs {hung}, "
           f"max RSS growth after warm-up {growth:.1f} MiB "
-          f"(start {results[0]['rss_start_mib']:.0f} MiB, end {results[0]['rss_end_mib']:.0f} MiB on rank 0)")
+          f"(start {results[0]['rss_start_mib']:.0f} MiB, end {results[0]['rss_end_mib']:.0f} MiB on rank 0; "
+          f"after each round {results[0]['rss_after_round_mib']})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "ranks": results, "calls": calls, "wrong": wrong,

@@ -276,6 +276,27 @@ def _export(info: dict) -> None:
         os.environ.setdefault("GROUP_RANK", str(info["node"]))
 
 
+def _join_agent_store(backend: str, info: dict, timeout: datetime.timedelta) -> None:
+    """Join through torchrun's shared store, on a key space of this restart attempt's own.
+
+    [Note: stale store keys] torchrun keeps one store for every attempt and never clears it, so
+    a restarted group would read the dead group's addresses (pytorch/pytorch#135712). Ranks of a
+    restarted group may also come up seconds apart, so joining may take up to JOIN_TIMEOUT_S
+    even when ``timeout`` (which bounds every operation afterwards) is shorter.
+    """
+    join = datetime.timedelta(seconds=max(timeout.total_seconds(), JOIN_TIMEOUT_S))
+    store = dist.TCPStore(str(info["master_addr"]), int(info["master_port"]), is_master=False, timeout=join)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"topocomm/attempt-{attempt}", store),
+                            rank=int(info["rank"]), world_size=int(info["world_size"]), timeout=join)
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is not None and join != timeout:
+        set_timeout(timeout)
+
+
+JOIN_TIMEOUT_S = 120.0
+
+
 def init(timeout: float = 600, backend: str | None = None) -> Communicator:
     """Initialise from the launcher's environment (idempotent) and return the default Communicator.
 
@@ -300,6 +321,8 @@ def init(timeout: float = 600, backend: str | None = None) -> Communicator:
         _export(info)
         if info["source"] == "single":
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=td)
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            _join_agent_store(backend, info, td)
         else:
             dist.init_process_group(backend, init_method=f"tcp://{info['master_addr']}:{info['master_port']}",
                                     rank=int(info["rank"]), world_size=int(info["world_size"]), timeout=td)

@@ -139,7 +139,12 @@ class Communicator:
 
     def _run_native(self, coll: Collective, red: Reduction | None, out: torch.Tensor,
                     inp: torch.Tensor | None, root: int | None, wire: torch.dtype | None) -> None:
-        run_native(coll, self.group, self.backend, red, out, inp, root, wire)
+        try:
+            run_native(coll, self.group, self.backend, red, out, inp, root, wire)
+        except RuntimeError as e:  # the backend's own message names no rank: say what was running
+            kind = TimeoutError if "timed out" in str(e).lower() else RuntimeError
+            raise kind(f"rank {self.rank}: native {coll.value} over {self.size} ranks failed: a rank stopped "
+                       f"answering, died, or made a different call ({e})") from e
 
     # -- planning ----------------------------------------------------------
 

@@ -336,4 +336,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if launched():
+        # A rank that used gloo through a Communicator sometimes aborts in interpreter teardown, after
+        # destroy_process_group ("terminate called without an active exception", ~1 run in 5 on 2 CPU
+        # ranks; benchmarks.busbw too). Everything is written by now: leave without the C++ teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

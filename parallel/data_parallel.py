@@ -117,6 +117,12 @@ class DataParallel(nn.Module):
         finally:
             self._require_sync = old
 
+    def set_requires_gradient_sync(self, requires: bool) -> None:
+        """Whether the next backward all-reduces (FSDP2's name). ``no_sync()`` decides this per forward;
+        callers that run several forwards before their backwards, such as a pipeline schedule, decide
+        it per backward with this instead."""
+        self._grads.sync = bool(requires)
+
     def bucket_plans(self) -> list[dict]:
         """Per bucket: parameters (names), bytes on the wire, dtype, and the algorithm the cost model picks."""
         out = []

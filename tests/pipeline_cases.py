@@ -124,15 +124,7 @@ def mesh_layout(comm, **axes: int) -> dict:
 
 
 def _data_parallel(module: nn.Module, comm) -> nn.Module:
-    """DataParallel with set_requires_gradient_sync (FSDP2's name), shimmed until DataParallel has it."""
-    if hasattr(parallel.DataParallel, "set_requires_gradient_sync"):
-        return parallel.DataParallel(module, comm=comm)
-
-    class SyncOnce(parallel.DataParallel):
-        def set_requires_gradient_sync(self, flag: bool) -> None:
-            self._grads.sync = flag
-
-    return SyncOnce(module, comm=comm)
+    return parallel.DataParallel(module, comm=comm)
 
 
 def mesh_pp_dp(comm, schedule: str = "1f1b", chunks: int = 2, steps: int = 3, dp_mode: str = "once") -> dict:

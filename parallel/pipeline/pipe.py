@@ -54,13 +54,14 @@ class Pipeline:
             import collectives
 
             comm = collectives.init()
+        self.comm, self.chunks, self.loss_fn = comm, chunks, loss_fn
+        layers = check_sequential(module)
+        self._check_same_config(layers, schedule, chunks, stages_per_rank, balance)
         if loss_fn is None or not callable(loss_fn):
             raise ValueError("loss_fn: Pipeline needs a loss function loss_fn(output, target) -> scalar")
         if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"chunks: expected a positive number of micro-batches, got {chunks!r}")
-        layers = check_sequential(module)
         program = build(schedule, comm.size, chunks, stages_per_rank)
-        self.comm, self.chunks, self.loss_fn = comm, chunks, loss_fn
         self.balance = self._balance([m for _, m in layers], program.nstages, balance, example)
         parts = split(layers, self.balance)
         self.stage_ids = program.stages_of(comm.rank)
@@ -68,7 +69,6 @@ class Pipeline:
         self._twins = [nn.Sequential(OrderedDict((n, meta_twin(m)) for n, m in part)) for part in parts]
         self.schedule: PipelineSchedule = lower(program)
         self.simulation: Simulation = simulate(self.schedule)  # proves it deadlock-free before any byte moves
-        self._check_same_config(layers)
         self._runtime = Runtime(comm, self.schedule, {s: self.module.stage(s) for s in self.stage_ids}, loss_fn)
         self._specs: list[Spec] | None = None
         self._specs_key: tuple | None = None
@@ -92,10 +92,12 @@ class Pipeline:
         every = self.comm.exchange_json(mine)  # ranks time differently: partition their mean, identically
         return partition([sum(ts) / len(ts) for ts in zip(*every)], nstages)
 
-    def _check_same_config(self, layers: list[tuple[str, nn.Module]]) -> None:
-        mine = {"schedule": self.schedule.name, "stages": self.nstages, "chunks": self.chunks,
-                "balance": self.balance, "layers": [n for n, _ in layers],
-                "params": param_counts([m for _, m in layers])}
+    def _check_same_config(self, layers: list[tuple[str, nn.Module]], schedule, chunks, stages_per_rank,
+                           balance) -> None:
+        """Compare the arguments across ranks first, so that no rank fails alone and leaves the rest hanging."""
+        mine = {"schedule": repr(schedule), "chunks": repr(chunks), "stages_per_rank": repr(stages_per_rank),
+                "balance": balance if isinstance(balance, list) else repr(balance),
+                "layers": [n for n, _ in layers], "params": param_counts([m for _, m in layers])}
         self._agree("configuration", mine)
 
     def _agree(self, what: str, mine: dict) -> None:

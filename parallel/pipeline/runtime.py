@@ -3,9 +3,9 @@
 The runtime walks the program once per step. A batch of communication
 actions is posted with one transport call; a compute action first waits for
 the receive it consumes; sends are waited for at the end of the step
-([Note: communication semantics] in schedule.py). Receive buffers are
-allocated from the boundary specs agreed before the first step, so no shape
-ever travels at run time.
+([Note: communication semantics] in schedule.py). Receive buffers come from
+the boundary specs agreed before the first step, so no shape ever travels at
+run time, and are pooled (``_BufferPool``): a warm step allocates none.
 
 [Note: gradient scaling] The last stage back-propagates ``loss_i / m`` for
 each of the m micro-batches, so the gradients accumulated in ``.grad`` are
@@ -97,6 +97,27 @@ class _Timer:
         return [(a, s - self.origin, e - self.origin) for a, s, e in self.marks]
 
 
+class _BufferPool:
+    """Receive buffers by (shape, dtype), reused within and across steps.
+
+    A buffer comes back once its contents are consumed: an activation after its stage's backward (autograd
+    has freed what it saved from it), a gradient after the backward it fed. So a step allocates nothing
+    once warm, and the pool holds no more than the peak number of tensors in flight.
+    """
+
+    def __init__(self) -> None:
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+
+    def get(self, spec: Spec, device: torch.device) -> torch.Tensor:
+        stack = self.free.get((spec.shape, spec.dtype))
+        return stack.pop() if stack else spec.empty(device)
+
+    def put(self, t: torch.Tensor) -> None:
+        t.grad = None
+        t.requires_grad_(False)
+        self.free.setdefault((tuple(t.shape), t.dtype), []).append(t)
+
+
 class _StepState:
     """The tensors in flight during one step on one rank."""
 
@@ -118,6 +139,7 @@ class Runtime:
     def __init__(self, comm, schedule: PipelineSchedule, stages: dict[int, nn.Module],
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         self.comm, self.schedule, self.stages, self.loss_fn = comm, schedule, stages, loss_fn
+        self.pool = _BufferPool()
         self.items = batches(schedule.ranks[comm.rank])
         self.last = schedule.nstages - 1
         self.last_backward = max((k for k, it in enumerate(self.items) if isinstance(it, Action) and it.kind is B),
@@ -153,6 +175,8 @@ class Runtime:
                 started = timer.start()
                 self._backward(item, grad, st)
                 timer.stop(item, started)
+                if item.stage < self.last and not self._local(item.stage, item.stage + 1):
+                    self.pool.put(grad)  # stream-ordered on CUDA: a later receive into it waits for this backward
         for _, h in st.sent:
             h.wait()
         st.stats.wall_s = time.perf_counter() - wall
@@ -208,6 +232,7 @@ class Runtime:
                 st.handoff[(s - 1, i, "grad")] = g
             else:
                 st.to_send[Action(s, SEND_B, i)] = g
+                self.pool.put(inp)  # a received activation: its graph is gone
 
     def _post(self, batch: tuple[Action, ...], st: _StepState, specs: Sequence[Spec]) -> None:
         sends, recvs, recv_actions = [], [], []
@@ -220,7 +245,7 @@ class Runtime:
                 sends.append((r, st.to_send.pop(a).contiguous()))
             else:
                 boundary = a.stage if a.kind is RECV_B else a.stage - 1
-                recvs.append((r, specs[boundary].empty(dev)))
+                recvs.append((r, self.pool.get(specs[boundary], dev)))
                 recv_actions.append(a)
         s_waits, r_waits = post(self.comm, sends, recvs)
         st.sent.extend(zip((t for _, t in sends), s_waits))

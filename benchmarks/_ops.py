@@ -26,6 +26,7 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from collectives import algorithms
 from collectives.ops import FLOAT_DTYPES, Reduction
@@ -198,7 +199,11 @@ class Reduce(BenchOp):
 
 
 class SendRecv(BenchOp):
-    """Every rank sends to the next and receives from the previous (nccl-tests' sendrecv)."""
+    """Every rank sends to the next and receives from the previous (nccl-tests' sendrecv).
+
+    The send and the receive go out as one grouped call (torch's batch_isend_irecv, ncclGroupStart/End on
+    NCCL), as nccl-tests does: two separate calls can deadlock NCCL when both peers send first.
+    """
 
     name, has_in_place = "sendrecv", False
 
@@ -206,14 +211,15 @@ class SendRecv(BenchOp):
         return (algorithms.NATIVE,)
 
     def bind(self, comm, inp, out, algorithm, red, root):
-        n, r = comm.size, comm.rank
+        n, r, g = comm.size, comm.rank, comm.group
         if n == 1:
             return lambda: out.copy_(inp)
+        nxt, prv = dist.get_global_rank(g, (r + 1) % n), dist.get_global_rank(g, (r - 1) % n)
 
         def run() -> None:
-            s = comm.isend(inp, (r + 1) % n)
-            comm.irecv(out, (r - 1) % n).wait()
-            s.wait()
+            ops = [dist.P2POp(dist.isend, inp, nxt, g), dist.P2POp(dist.irecv, out, prv, g)]
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
         return run
 
     def expected(self, x, rank, n, red, root):

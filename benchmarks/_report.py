@@ -55,7 +55,7 @@ def human_size(nbytes: int) -> str:
 
 
 class Table:
-    """Prints blocks as rows arrive (a long sweep shows progress line by line)."""
+    """nccl-tests blocks, one per (op, algorithm), and a summary per op comparing the algorithms."""
 
     def __init__(self, settings: Settings, n: int, stream: TextIO = sys.stdout) -> None:
         self.s, self.n, self.out = settings, n, stream
@@ -71,6 +71,8 @@ class Table:
         s = self.s
         self.print(f"# topocomm busbw (nccl-tests layout)  torch {header['torch']}  backend {header['backend']}"
                    + (f"  nccl {header['nccl']}" if header.get("nccl") else ""))
+        load = header["load_average"]["start"]
+        self.print(f"# host {header['hostname']}: {header['cpu_count']} CPUs, load average {load}")
         self.print(f"# nRanks {self.n} minBytes {min(s.sizes)} maxBytes {max(s.sizes)} sizes {len(s.sizes)} "
                    f"warmup iters: {s.warmup} iters: {s.iters} validation: {int(s.check)} "
                    f"time: {AGGREGATES[s.aggregate]}")
@@ -108,6 +110,14 @@ class Table:
                 + f"  {pred:>7s}" + (f"  {r.chosen}" if r.chosen else ""))
         self.print(line)
 
+    def block(self, op: BenchOp, algorithm: str, results: list[Result]) -> int:
+        """Print one (op, algorithm) block; returns its #wrong total."""
+        self.begin(op, algorithm)
+        for r in results:
+            self.row(r)
+        self.end()
+        return self.wrong
+
     def end(self) -> None:
         avg = sum(self.busbw) / len(self.busbw) if self.busbw else 0.0
         ok = "OK" if self.wrong == 0 else "FAILED"
@@ -125,7 +135,8 @@ class Table:
         self.print(f"# Summary {op.name}: time (us), {mode}, {AGGREGATES[self.s.aggregate]}; "
                    "speed = best time / auto time")
         w = max(10, *(len(a) + 1 for a in names))
-        self.print("#       size" + "".join(f"{a:>{w}s}" for a in names) + "     fastest  auto pick  speed")
+        v = max(9, *(len(a) for a in names))
+        self.print("#       size" + "".join(f"{a:>{w}s}" for a in names) + f"  {'fastest':>{v}s}  {'auto pick':>{v}s}  speed")
         for i, size in enumerate(r.layout.size for r in blocks[names[0]]):
             times = {a: natural_time(op, res[i]) for a, res in blocks.items()}
             measured = {a: t for a, t in times.items() if a != AUTO}
@@ -134,7 +145,7 @@ class Table:
             pick = (auto[i].chosen or "-") if auto else "-"
             speed = f"{measured[best] / times[AUTO]:.2f}" if auto and measured and times[AUTO] > 0 else "-"
             self.print(f"{size:12d}" + "".join(f"{fmt_time(t):>{w}s}" for t in times.values())
-                       + f"  {best:>10s}  {pick:>9s}  {speed:>5s}")
+                       + f"  {best:>{v}s}  {pick:>{v}s}  {speed:>5s}")
         self.print("#")
 
 
@@ -180,11 +191,20 @@ def header(comm, s: Settings, command: str, launcher: str) -> dict[str, Any]:
         "backend": comm.backend, "world_size": comm.size, "nodes": len(comm.topology.nodes),
         "launcher": launcher, "torch": torch.__version__, "nccl": nccl, "python": platform.python_version(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": command,
+        "load_average": {"start": load_average()},
         "dtype": str(s.dtype).removeprefix("torch."), "redop": s.red.value, "root": s.root, "iters": s.iters,
         "warmup": s.warmup, "check": s.check, "time": AGGREGATES[s.aggregate],
         "factors": {"all_reduce": "2(n-1)/n", "all_gather": "(n-1)/n", "reduce_scatter": "(n-1)/n",
                     "all_to_all": "(n-1)/n", "broadcast": "1", "reduce": "1", "sendrecv": "1"},
     }
+
+
+def load_average() -> list[float] | None:
+    """The host's 1, 5 and 15-minute load averages: on a shared machine, what the timings competed with."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def device_info(comm) -> dict[str, Any]:

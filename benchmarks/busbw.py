@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from . import _report
 from ._ops import OPS, BenchOp
 from ._sweep import AGGREGATES, AUTO, Result, Settings, run_size
 
@@ -226,23 +227,23 @@ class _Progress:
             sys.stderr.flush()
 
 
-def command_line() -> str:
-    spawned = os.environ.get(_SPAWNED)
-    prefix = "python -m benchmarks.busbw" if spawned or not launched() else (
-        "torchrun ... -m benchmarks.busbw" if "TORCHELASTIC_RUN_ID" in os.environ else "<launcher> benchmarks.busbw")
-    return " ".join([prefix, shlex.join(sys.argv[1:])])
+def launcher_name() -> str:
+    if os.environ.get(_SPAWNED):
+        return f"local spawn (--nproc {os.environ[_SPAWNED]})"
+    if "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ:
+        return "torchrun"
+    if any(k in os.environ for k in _LAUNCHER_ENV[1:4]):
+        return "mpirun"
+    return "srun" if "SLURM_PROCID" in os.environ else "single process"
 
 
 def sweep(comm, opts: Options) -> int:
-    from . import _report
-
     s = opts.settings
     lead = comm.rank == 0
     if s.root >= comm.size:
         raise SystemExit(f"-r: root {s.root} is out of range for {comm.size} ranks")
-    launcher = f"local spawn (--nproc {comm.size})" if os.environ.get(_SPAWNED) else (
-        "single process" if not launched() else "launcher")
-    head = _report.header(comm, s, command_line(), launcher)
+    command = "python -m benchmarks.busbw " + shlex.join(sys.argv[1:])
+    head = _report.header(comm, s, command, launcher_name())
     devices = comm.exchange_json(_report.device_info(comm))
     table = _report.Table(s, comm.size)
     if lead:
@@ -254,27 +255,23 @@ def sweep(comm, opts: Options) -> int:
     wrong = 0
     for name, algos in opts.plan.items():
         op: BenchOp = OPS[name]
-        blocks: dict[str, list[Result]] = {}
-        for algorithm in algos:
-            if lead:
-                table.begin(op, algorithm)
-            results = blocks[algorithm] = []
-            for nbytes in s.sizes:
-                progress.show(f"{name} {algorithm} {_report.human_size(nbytes)}")
-                r = run_size(comm, op, algorithm, nbytes, s)
-                results.append(r)
+        blocks: dict[str, list[Result]] = {a: [] for a in algos}
+        # Sizes outside, algorithms inside: the algorithms compared at one size are measured moments apart.
+        for nbytes in s.sizes:
+            for algorithm in algos:
+                progress.show(f"{name} {_report.human_size(nbytes)} {algorithm}")
+                blocks[algorithm].append(run_size(comm, op, algorithm, nbytes, s))
                 progress.step()
-                if lead:
-                    progress.close()
-                    table.row(r)
+        progress.close()
+        for algorithm, results in blocks.items():
             if lead:
-                table.end()
-            wrong += table.wrong if lead else 0
+                wrong += table.block(op, algorithm, results)
             rows += _report.json_rows(op, algorithm, results, s, comm.size)
         if lead:
             table.summary(op, blocks)
-    progress.close()
     if lead:
+        head["load_average"]["end"] = _report.load_average()
+        table.print(f"# load average at the end: {head['load_average']['end']}")
         doc = {"header": head, "rows": rows}
         if opts.json:
             opts.json.parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     opts = parse_args(argv)
     if not launched() and opts.nproc > 1:
+        if opts.settings.root >= opts.nproc:
+            build_parser().error(f"-r: root {opts.settings.root} is out of range for --nproc {opts.nproc}")
         return spawn(argv, opts.nproc)
     import collectives
 
@@ -306,4 +305,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The process group is destroyed and every result written. torch's gloo teardown at interpreter
+    # exit occasionally aborts ("terminate called without an active exception") after that point, which
+    # would turn a finished run into a failed one; leave without the interpreter's teardown instead.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -27,13 +27,12 @@ import json
 import os
 import re
 import shlex
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from benchmarks._launch import LAUNCHER_ENV, launched, spawn, spawned
 
 from . import _report
 from ._ops import OPS, BenchOp
@@ -45,8 +44,6 @@ DTYPES = {"float": torch.float32, "float32": torch.float32, "fp32": torch.float3
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16,
           "int32": torch.int32, "int": torch.int32, "int64": torch.int64, "long": torch.int64}
-_LAUNCHER_ENV = ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_PROCID")
-_SPAWNED = "TOPOCOMM_BUSBW_SPAWNED"
 
 
 def parse_size(text: str) -> int:
@@ -165,44 +162,6 @@ def parse_args(argv: list[str]) -> Options:
 # -- launching -----------------------------------------------------------------
 
 
-def launched() -> bool:
-    """True under torchrun, mpirun/mpiexec or srun (or as one of our own spawned ranks)."""
-    return any(k in os.environ for k in _LAUNCHER_ENV)
-
-
-def spawn(argv: list[str], nproc: int) -> int:
-    """Run this command on ``nproc`` local ranks (torchrun's variables); the first failure stops the rest."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = str(Path(__file__).resolve().parent.parent)
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "RES_OPTIONS": "timeout:1 attempts:1",
-            _SPAWNED: str(nproc), "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    base.setdefault("OMP_NUM_THREADS", "1")  # N ranks share the cores
-    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.busbw", *argv], stdin=subprocess.DEVNULL,
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
-    try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed or all(c == 0 for c in codes):
-                break
-            time.sleep(0.05)
-        if failed:  # the others may wait on the dead rank: give them a moment to fail by themselves
-            deadline = time.monotonic() + 5
-            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        return failed[0] if failed else 0
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-
 # -- the sweep -------------------------------------------------------------------
 
 
@@ -228,11 +187,11 @@ class _Progress:
 
 
 def launcher_name() -> str:
-    if os.environ.get(_SPAWNED):
-        return f"local spawn (--nproc {os.environ[_SPAWNED]})"
+    if spawned():
+        return f"local spawn (--nproc {spawned()})"
     if "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ:
         return "torchrun"
-    if any(k in os.environ for k in _LAUNCHER_ENV[1:4]):
+    if any(k in os.environ for k in LAUNCHER_ENV[1:4]):
         return "mpirun"
     return "srun" if "SLURM_PROCID" in os.environ else "single process"
 
@@ -291,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if not launched() and opts.nproc > 1:
         if opts.settings.root >= opts.nproc:
             build_parser().error(f"-r: root {opts.settings.root} is out of range for --nproc {opts.nproc}")
-        return spawn(argv, opts.nproc)
+        return spawn("benchmarks.busbw", argv, opts.nproc)
     import collectives
 
     comm = collectives.init(timeout=opts.timeout)

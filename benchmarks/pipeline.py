@@ -31,16 +31,15 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from benchmarks._launch import launched, spawn
 import torch.nn.functional as F
 from torch import nn
 
-_LAUNCHER_ENV = ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_PROCID")
 _TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B"}
 
 
@@ -66,36 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- launching (as benchmarks.busbw) ------------------------------------------------------
-
-
-def launched() -> bool:
-    return any(k in os.environ for k in _LAUNCHER_ENV)
-
-
-def spawn(argv: list[str], nproc: int) -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = str(Path(__file__).resolve().parent.parent)
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "RES_OPTIONS": "timeout:1 attempts:1",
-            "TOPOCOMM_PIPELINE_SPAWNED": str(nproc),
-            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    base.setdefault("OMP_NUM_THREADS", "1")
-    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.pipeline", *argv], stdin=subprocess.DEVNULL,
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
-    try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed or all(c == 0 for c in codes):
-                return failed[0] if failed else 0
-            time.sleep(0.05)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
 
 
 # -- the model and the two pipelines ------------------------------------------------------
@@ -301,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if not launched() and args.nproc > 1:
-        return spawn(argv, args.nproc)
+        return spawn("benchmarks.pipeline", argv, args.nproc)
     import collectives
 
     comm = collectives.init(timeout=args.timeout)

@@ -39,7 +39,6 @@ import platform
 import shlex
 import socket
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -47,12 +46,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from benchmarks._launch import launched, spawn, spawned
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-_LAUNCHER_ENV = ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_PROCID")
-_SPAWNED = "TOPOCOMM_ZERO_SPAWNED"
 K = 12  # bytes of optimizer state per parameter for mixed-precision Adam: fp32 master, momentum, variance
 
 
@@ -119,38 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- launching -----------------------------------------------------------------------------------
-
-def launched() -> bool:
-    return any(k in os.environ for k in _LAUNCHER_ENV)
-
-
-def spawn(argv: list[str], nproc: int) -> int:
-    """Run this command on ``nproc`` local ranks with torchrun's variables; the first failure stops the rest."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = str(Path(__file__).resolve().parent.parent)
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "RES_OPTIONS": "timeout:1 attempts:1",
-            _SPAWNED: str(nproc), "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    base.setdefault("OMP_NUM_THREADS", "1")
-    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.zero_memory", *argv], stdin=subprocess.DEVNULL,
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
-    try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed or all(c == 0 for c in codes):
-                return failed[0] if failed else 0
-            time.sleep(0.05)
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
 
 # -- memory ----------------------------------------------------------------------------------------
 
@@ -305,7 +271,7 @@ def header(comm, a: argparse.Namespace, d: int, layers: int, psi: int) -> dict:
     dev = comm.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
     launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else (
-        f"local spawn (--nproc {comm.size})" if os.environ.get(_SPAWNED) else "launcher")
+        f"local spawn (--nproc {comm.size})" if spawned() else "launcher")
     prefix = "torchrun ... -m benchmarks.zero_memory" if launcher == "torchrun" else "python -m benchmarks.zero_memory"
     return {"command": " ".join([prefix, shlex.join(sys.argv[1:])]), "launcher": launcher,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -390,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.rounds < 1 or a.warmup < 0 or a.nproc < 1 or (a.steps is not None and a.steps < 1):
         build_parser().error("--rounds, --steps and --nproc must be >= 1, --warmup >= 0")
     if not launched() and a.nproc > 1:
-        return spawn(argv, a.nproc)
+        return spawn("benchmarks.zero_memory", argv, a.nproc)
     import collectives
 
     comm = collectives.init(timeout=a.timeout)

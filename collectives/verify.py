@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .schedule import Buffer, Collective, Recv, Schedule, Send
+from .schedule import Buffer, Collective, Schedule, Send
 
 EMPTY = (0, -1)
 

@@ -184,3 +184,15 @@ if __name__ == "__main__":  # pragma: no cover - manual smoke run
     pool = WorkerPool()
     print(pool.run(int(sys.argv[1]) if len(sys.argv) > 1 else 2, "tests.cases:ping"))
     pool.close()
+
+
+def run_torchrun(module: str, nproc: int, timeout: float = 900):
+    """``torchrun --nproc-per-node nproc -m module`` from the repository root, NVLink multicast off;
+    returns the CompletedProcess (GPU tests use it to drive NCCL worlds)."""
+    import subprocess
+
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+           "NVSHMEM_DISABLE_NVLS": "1", "RES_OPTIONS": "timeout:1 attempts:1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", module]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)

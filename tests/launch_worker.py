@@ -155,7 +155,7 @@ def mpi_cases(cases: list[tuple]) -> list[tuple]:
     of our algorithms (the transport only moves bytes), and large all-reduces through ring."""
     keep = []
     for i, c in enumerate(cases):
-        coll, algo, dt, count = c[0], c[1], c[2], c[4]
+        coll, algo, count = c[0], c[1], c[4]
         if count > 1000:
             if (algo == "native" and coll in ("all_reduce", "reduce_scatter")) or (coll, algo) == ("all_reduce", "ring"):
                 keep.append(c)

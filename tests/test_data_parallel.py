@@ -8,16 +8,13 @@ Tests are ordered so world sizes 1..4 each start once (the pool keeps three).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import collectives
 from parallel._buckets import GradBuckets, assign_buckets
+from tests.harness import run_torchrun
 
 
 # -- the bucket machinery, in one process ------------------------------------------
@@ -136,8 +133,5 @@ def test_ranks_wrapping_different_models_fail_with_names(pool):
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_cuda_nccl_two_gpus():
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-                           "tests.dp_cases"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun("tests.dp_cases", 2, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -10,10 +10,6 @@ that each world starts once even when only three worlds are kept alive
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +18,7 @@ from torch import nn
 from parallel.zero._flat import FlatLayout, flatten_into, slot_views
 from parallel.zero._units import bucket_units, module_units
 from tests import zero_cases as zc
+from tests.harness import run_torchrun
 
 TOL = 2e-6  # float32 reordering of the gradient average, over three AdamW steps
 
@@ -178,8 +175,5 @@ def test_zero(pool, saved, tmp_path, world, check):
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_cuda_nccl_two_gpus():
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-                           "tests.zero_cases"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun("tests.zero_cases", 2, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

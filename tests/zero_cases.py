@@ -329,8 +329,6 @@ def run_all(comm, tol: float) -> list[str]:
 
 
 if __name__ == "__main__":
-    import sys
-
     import collectives
 
     comm = collectives.init(timeout=120)

@@ -29,7 +29,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 NPROC, STEPS, EVERY, KILL_AT, KILL_RANK = 2, 12, 4, 7, 1
-TIMEOUT_S = 5.0    # the example's collectives.init(timeout=...)
+TIMEOUT_S = 30.0   # the example's collectives.init(timeout=...): generous, ranks start seconds apart under load
+DETECT_S = 5.0     # a killed rank's sockets close at once: the survivor must fail well within this
 LAUNCH_TIMEOUT_S = 180
 RESULTS = REPO / "benchmarks" / "results" / "fault-tolerance-cpu"
 
@@ -153,7 +154,8 @@ def test_kill_happened_and_the_group_restarted(runs):
     _, killed = runs
     kills = killed.events("kill")
     assert [(k["attempt"], k["rank"], k["step"]) for k in kills] == [(0, KILL_RANK, KILL_AT)]
-    assert "exitcode: -9" in killed.output  # torchrun saw the SIGKILL
+    after = [r for r in killed.records if r["attempt"] == 0 and r["rank"] == KILL_RANK and r["time"] > kills[0]["time"]]
+    assert not after, after  # the rank died at the kill: it logged nothing more in that attempt
     restarted = [r for r in killed.events("start") if r["attempt"] > 0]
     assert restarted, "no attempt after the kill"
     first = min(r["attempt"] for r in restarted)
@@ -182,7 +184,7 @@ def test_dead_rank_detected_within_the_timeout(runs):
     how = ", ".join(f"rank {e['rank']}: {e['event']} after {e['after_s']:.3f} s" for e in d["ends"])
     print(f"dead rank: {how}; group restarted {d['restart_s']:.1f} s after the kill")
     assert {e["rank"] for e in d["ends"]} == set(range(NPROC)) - {KILL_RANK}, killed.output[-4000:]
-    assert d["detect_s"] < TIMEOUT_S + 1.0
+    assert d["detect_s"] < DETECT_S
     # The survivor's own collective failed, naming what happened, before torchrun stopped it.
     assert any(e["event"] == "error" and "Connection" in e["error"] for e in d["ends"]), d["ends"]
 

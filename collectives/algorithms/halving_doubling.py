@@ -117,13 +117,19 @@ def _block_owners(n: int, r: int, ranks: list[int]) -> list[_Range]:
     return [(x - 1, x + 1) if x < 2 * r else (x, x + 1) for x in ranks]
 
 
-def halving_doubling_reduce_scatter(world_size: int) -> Schedule:
-    _check(world_size)
-    n = world_size
+def _blocked_setup(n: int) -> tuple[int, list[int], int, int, list[list[list[Op]]]]:
+    """For the blocked forms: folded pairs r, survivors, log2 of their count, fold steps f (0 or 1,
+    at each end), and an empty grid of k halving steps plus the fold steps."""
+    _check(n)
     r, ranks = _fold(n)
     k = len(ranks).bit_length() - 1
     f = 1 if r else 0
-    grid = _grid(n, k + 2 * f)
+    return r, ranks, k, f, _grid(n, k + 2 * f)
+
+
+def halving_doubling_reduce_scatter(world_size: int) -> Schedule:
+    n = world_size
+    r, ranks, k, f, grid = _blocked_setup(n)
     for i in range(r):
         lo, hi = 2 * i, 2 * i + 1
         for a, b in _ranges(0, n, lo):
@@ -137,12 +143,8 @@ def halving_doubling_reduce_scatter(world_size: int) -> Schedule:
 
 
 def halving_doubling_all_gather(world_size: int) -> Schedule:
-    _check(world_size)
     n = world_size
-    r, ranks = _fold(n)
-    k = len(ranks).bit_length() - 1
-    f = 1 if r else 0
-    grid = _grid(n, k + 2 * f)
+    r, ranks, k, f, grid = _blocked_setup(n)
     for i in range(r):
         lo, hi = 2 * i, 2 * i + 1
         grid[lo][0].append(Send(hi, lo, lo + 1))

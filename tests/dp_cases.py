@@ -93,6 +93,16 @@ def _max_diff(a: nn.Module, b: nn.Module) -> float:
     return max((x.detach() - y.detach()).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
 
 
+def _reference_step(ref: nn.Module, ref_opt, loss_fn, dp, step: int, problems: list[str]) -> None:
+    """One single-process step on the global batch, then compare the wrapped model with it."""
+    ref_opt.zero_grad()
+    loss_fn().backward()
+    ref_opt.step()
+    d = _max_diff(dp.module, ref)
+    if d > TOL:
+        problems.append(f"step {step}: parameters differ from the reference by {d:.3g}")
+
+
 def _digest(m: nn.Module) -> str:
     h = hashlib.sha1()
     for t in list(m.parameters()) + list(m.buffers()):
@@ -123,12 +133,7 @@ def train(comm, opt_name: str, bucket_bytes: int, steps: int = 4, default_comm: 
                 problems.append(f"step {step}: a gradient is not a view into its bucket")
                 break
         opt.step()
-        ref_opt.zero_grad()
-        F.mse_loss(ref(x), y).backward()
-        ref_opt.step()
-        d = _max_diff(dp.module, ref)
-        if d > TOL:
-            problems.append(f"step {step}: parameters differ from the reference by {d:.3g}")
+        _reference_step(ref, ref_opt, lambda: F.mse_loss(ref(x), y), dp, step, problems)
         if step == 0:
             layouts.append(dp._grads.layout())
     names = dp._names
@@ -165,12 +170,7 @@ def no_sync(comm, opt_name: str, bucket_bytes: int, steps: int = 3, micro: int =
             else:
                 (F.mse_loss(dp(xm), ym) / micro).backward()
         opt.step()
-        ref_opt.zero_grad()
-        F.mse_loss(ref(x), y).backward()
-        ref_opt.step()
-        d = _max_diff(dp.module, ref)
-        if d > TOL:
-            problems.append(f"step {step}: parameters differ from the reference by {d:.3g}")
+        _reference_step(ref, ref_opt, lambda: F.mse_loss(ref(x), y), dp, step, problems)
     return problems
 
 
@@ -222,12 +222,11 @@ def buffers(comm, steps: int = 3) -> list[str]:
         opt.zero_grad()
         F.mse_loss(dp(_slice(x, rank)), _slice(y, rank)).backward()
         opt.step()
-        ref_opt.zero_grad()  # per-rank BatchNorm statistics: the global loss is the mean of the slices' losses
-        (sum(F.mse_loss(ref(_slice(x, r)), _slice(y, r)) for r in range(size)) / size).backward()
-        ref_opt.step()
-        d = _max_diff(dp.module, ref)
-        if d > TOL:
-            problems.append(f"step {step}: parameters differ from the reference by {d:.3g}")
+        # per-rank BatchNorm statistics: the global loss is the mean of the slices' losses
+        def global_loss():
+            return sum(F.mse_loss(ref(_slice(x, r)), _slice(y, r)) for r in range(size)) / size
+
+        _reference_step(ref, ref_opt, global_loss, dp, step, problems)
     # A synchronised forward starts from rank 0's buffers: the same input then leaves equal buffers everywhere.
     every = comm.exchange_json([b.tolist() for b in dp.module.buffers()])
     rank0_buffers = [torch.tensor(v, device=dev) for v in every[0]]

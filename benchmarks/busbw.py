@@ -257,10 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return sweep(comm, opts)
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        collectives.shutdown()  # releases the communicator's CUDA graphs before the process group
 
 
 if __name__ == "__main__":

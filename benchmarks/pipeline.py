@@ -298,10 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# wrote {args.json}", flush=True)
         return 0
     finally:
-        import torch.distributed as dist
+        import collectives
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        collectives.shutdown()
 
 
 if __name__ == "__main__":

@@ -339,8 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(comm, a)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        collectives.shutdown()
 
 
 if __name__ == "__main__":

@@ -340,15 +340,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_process(comm, code: int) -> None:
-    """Tear down; on NCCL leave without destroy_process_group, which was seen to hang after the
-    communicator's collectives (torch 2.11, 2 x H200), once every rank is done."""
+    """Tear down once every rank is done (``collectives.shutdown`` releases the CUDA graphs first)."""
+    import collectives
+
     comm.barrier()
-    if comm.backend == "nccl":
-        torch.cuda.synchronize()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    dist.destroy_process_group()
+    collectives.shutdown()
 
 
 if __name__ == "__main__":

@@ -341,10 +341,14 @@ def default_communicator() -> Communicator:
 
 
 def shutdown() -> None:
-    """Close the default communicator and destroy the process group ``init()`` created."""
+    """Close every communicator (the default one included) and destroy the process group ``init()`` created.
+
+    Use it instead of ``dist.destroy_process_group()``: on NCCL, destroying the group while CUDA graphs
+    that captured its kernels are alive was seen to hang."""
     global _default
-    if _default is not None:
-        _default.close()
-        _default = None
+    from .communicator import close_all
+
+    _default = None
+    close_all()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import json
 import os
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -38,6 +39,10 @@ from .transport import TorchTransport
 from .validate import check_compress, check_no_alias, check_op, check_pair, check_rank, check_tensor
 
 AUTO = "auto"
+
+# Every open Communicator, so shutdown() can release their CUDA graphs before the process group goes:
+# destroy_process_group() was seen to hang on NCCL while graphs that captured its kernels were alive.
+_OPEN: weakref.WeakSet[Communicator] = weakref.WeakSet()
 
 
 class CollectiveMismatchError(RuntimeError):
@@ -111,6 +116,7 @@ class Communicator:
         self.topology = topology if topology is not None else Topology.detect(self)
         self.model = CostModel(self.topology, backend=self.backend, profile=profile)
         self._nodes = tuple(tuple(n) for n in self.topology.nodes)
+        _OPEN.add(self)
 
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, size={self.size}, backend={self.backend!r})"
@@ -361,6 +367,13 @@ class Communicator:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+        _OPEN.discard(self)
+
+
+def close_all() -> None:
+    """Close every open Communicator (``shutdown()`` does this before destroying the process group)."""
+    for c in list(_OPEN):
+        c.close()
 
 
 def _block(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:

@@ -35,6 +35,36 @@ def _segments(lo: int, hi: int, seg: int) -> list[tuple[int, int]]:
     return [(a, min(a + seg, hi)) for a in range(lo, hi, seg)]
 
 
+def reducing_transfers(schedule: Schedule, rank: int) -> tuple[tuple[bool, ...], ...]:
+    """Per step of ``rank``, per op: whether the transfer ends in a reducing receive.
+
+    A send looks up the receive it matches (rule 2 of [Note: step semantics]), so both ends of a
+    transfer agree, which matters wherever the executor cuts only some transfers into segments:
+    the two ends must cut a transfer alike or their segments would not pair up.
+    """
+    key = ("reducing", rank)
+    if key not in schedule._cache:
+        lands: dict[tuple[int, int], list[bool]] = {}  # (src, dst) -> reduce flag of each receive, in order
+        for dst in range(schedule.world_size):
+            for step in schedule.steps(dst):
+                for o in step.recvs:
+                    lands.setdefault((o.peer, dst), []).append(o.reduce)
+        sent: dict[int, int] = {}
+        out = []
+        for step in schedule.steps(rank):
+            flags = []
+            for o in step.ops:
+                if isinstance(o, Send):
+                    k = sent.get(o.peer, 0)
+                    sent[o.peer] = k + 1
+                    flags.append(lands[(rank, o.peer)][k])
+                else:
+                    flags.append(o.reduce)
+            out.append(tuple(flags))
+        schedule._cache[key] = tuple(out)
+    return schedule._cache[key]
+
+
 @dataclass(slots=True)
 class _Group:
     """Segment k of every transfer of a step: posted together, then its receives are combined."""
@@ -44,6 +74,17 @@ class _Group:
     combines: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     # (recv index, dst, src): dst.copy_(src) once receive i is in (compressed overwrites)
     copies: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+def segment_sizes(schedule: Schedule, rank: int, seg: int, count: int, cuda: bool) -> list[list[int]]:
+    """Per step of ``rank``, per op: the largest segment (elements) its transfer is cut into.
+
+    On CUDA, segments only pay where a reduction can overlap later segments' transfers, so a
+    transfer into an overwriting receive goes whole; both ends decide alike (reducing_transfers).
+    """
+    if not cuda:
+        return [[seg] * len(step.ops) for step in schedule.steps(rank)]
+    return [[seg if r else count + 1 for r in flags] for flags in reducing_transfers(schedule, rank)]
 
 
 class Executor:
@@ -74,11 +115,9 @@ class Executor:
         seg = max(1, self.max_segment_bytes // max(1, (wire if wire is not None else work).element_size()))
         scratch = self._scratch(schedule, rank, bounds, work if wire is None else wire)
         cuda = work.device.type == "cuda"
-        for step in schedule.steps(rank):
+        for step, segs in zip(schedule.steps(rank), segment_sizes(schedule, rank, seg, work.numel(), cuda)):
             if step.ops:
-                # On CUDA, segments only pay where there are reductions to overlap with transfers.
-                step_seg = seg if not cuda or any(o.reduce for o in step.recvs) else work.numel() + 1
-                groups, ordered = self._plan_step(step.ops, bounds, step_seg, work, inp, scratch, wire)
+                groups, ordered = self._plan_step(step.ops, bounds, segs, work, inp, scratch, wire)
                 if cuda:
                     self._step_cuda(groups, ordered, red, work.device)
                 else:
@@ -92,10 +131,11 @@ class Executor:
         return torch.empty(need, dtype=like.dtype, device=like.device) if need else None
 
     @staticmethod
-    def _plan_step(ops, bounds: list[int], seg: int, work: torch.Tensor, inp: torch.Tensor | None,
+    def _plan_step(ops, bounds: list[int], segs: list[int], work: torch.Tensor, inp: torch.Tensor | None,
                    scratch: torch.Tensor | None, wire: torch.Tensor | None) -> tuple[list[_Group], bool]:
-        """Cut the step's transfers into segment groups. ``ordered`` is False when a reduction
-        lands in a chunk this step also sends (rule 1): then all sends must finish first."""
+        """Cut the step's transfers into segment groups (op i into pieces of at most ``segs[i]``
+        elements). ``ordered`` is False when a reduction lands in a chunk this step also sends
+        (rule 1): then all sends must finish first."""
         groups: list[_Group] = []
         sent: set[int] = set()
         reduced: set[int] = set()
@@ -106,7 +146,7 @@ class Executor:
                 groups.append(_Group())
             return groups[k]
 
-        for op in ops:
+        for op, seg in zip(ops, segs):
             lo, hi = bounds[op.start], bounds[op.stop]
             if hi == lo:
                 continue

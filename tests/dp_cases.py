@@ -351,5 +351,5 @@ if __name__ == "__main__":
     found = run_all(comm)
     print(f"rank {comm.rank} on {comm.device} ({comm.backend}): " + ("ok" if not found else "; ".join(found)),
           flush=True)
-    torch.distributed.destroy_process_group()
+    collectives.shutdown()
     sys.exit(1 if found else 0)

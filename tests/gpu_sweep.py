@@ -1,10 +1,12 @@
 """The correctness sweep on real GPUs over NCCL, one process per GPU.
 
-    torchrun --nproc-per-node 4 -m tests.gpu_sweep
+    torchrun --nproc-per-node 4 -m tests.gpu_sweep [-v]
 
 Runs the same cases as the gloo sweep (tests/test_collectives.py) with CUDA
 tensors, checks every rank's result against the local reference, and exits
 non-zero on any failure. tests/test_cuda.py drives it on 2 and all GPUs.
+``-v`` prints each case on rank 0 before it runs (the last line names a case
+that hangs), with the time so far.
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ from tests.test_collectives import _check, cases_for
 
 
 def main() -> int:
-    comm = C.init(timeout=300)
+    comm = C.init(timeout=60)
     cases = cases_for(comm.size)
     t0 = time.perf_counter()
-    mine = sweep(comm, cases)
+    verbose = "-v" in sys.argv[1:] and comm.rank == 0
+    mine = []
+    for i, case in enumerate(cases):
+        if verbose:
+            print(f"[{i + 1}/{len(cases)} {time.perf_counter() - t0:7.2f} s] {case}", flush=True)
+        mine += sweep(comm, [case])
     comm.synchronize()
     results = comm.exchange_json(mine)
     took = time.perf_counter() - t0
@@ -36,5 +43,11 @@ def main() -> int:
     return 0
 
 
+def run() -> int:
+    code = main()
+    C.shutdown()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

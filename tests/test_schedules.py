@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +32,7 @@ from collectives.schedule import (
     format_schedule,
     parse_schedule,
 )
+from collectives.execute import Executor, segment_sizes
 from collectives.verify import ScheduleError, verify
 
 PAIRS = sorted(_REGISTRY, key=lambda p: (p[0], p[1].value))
@@ -353,3 +355,45 @@ def test_chunk_bounds_cover_blocks_evenly(blocks: int, per: int, per_block: int)
     for b in range(blocks):
         mine = sizes[b * per:(b + 1) * per]
         assert sum(mine) == per_block and max(mine) - min(mine) <= 1
+
+
+# --- the executor's segments pair up ----------------------------------------------
+
+def _posted(s, rank: int, count: int, seg: int, cuda: bool) -> tuple[dict, dict]:
+    """Sizes of the messages ``rank`` posts, per peer in posting order: (sent, received)."""
+    work, inp = torch.zeros(count), torch.zeros(count)
+    bounds = s.bounds(count)
+    scratch = Executor._scratch(s, rank, bounds, work)
+    sent: dict[int, list[int]] = {}
+    received: dict[int, list[int]] = {}
+    for step, segs in zip(s.steps(rank), segment_sizes(s, rank, seg, count, cuda)):
+        groups, _ = Executor._plan_step(step.ops, bounds, segs, work, inp, scratch, None)
+        for g in groups:
+            for peer, t in g.sends:
+                sent.setdefault(peer, []).append(t.numel())
+            for peer, t in g.recvs:
+                received.setdefault(peer, []).append(t.numel())
+    return sent, received
+
+
+@settings(max_examples=150, deadline=None)
+@given(_cases(max_n=12), st.integers(0, 300), st.integers(1, 40), st.booleans())
+def test_segments_pair_up_between_ranks(case, m: int, seg: int, cuda: bool) -> None:
+    """Every message a rank posts to a peer meets a receive of the same size at the same position
+    there: the two ends of a transfer cut it into the same segments (CUDA segments only transfers
+    into reducing receives; a rank that only sends must still cut like its receiver)."""
+    name, coll, n, root, nodes, k = case
+    s = build(name, coll, n, root=root, nodes=nodes, pipeline=k)
+    count = m * s.blocks
+    posted = [_posted(s, r, count, seg, cuda) for r in range(n)]
+    for a in range(n):
+        for b in range(n):
+            assert posted[a][0].get(b, []) == posted[b][1].get(a, []), (a, b, str(s))
+
+
+def test_segments_pair_up_for_a_send_only_rank() -> None:
+    """The case that hung on 2 GPUs: rank 1 of a 2-rank reduce only sends; rank 0 reduces."""
+    s = build("ring", Collective.REDUCE, 2, root=0, pipeline=1)
+    sent, _ = _posted(s, 1, 1000, 64, cuda=True)
+    _, received = _posted(s, 0, 1000, 64, cuda=True)
+    assert sent[0] == received[1] and len(sent[0]) > 1

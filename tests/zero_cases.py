@@ -329,12 +329,14 @@ def run_all(comm, tol: float) -> list[str]:
 
 
 if __name__ == "__main__":
+    import sys
+
     import collectives
 
     comm = collectives.init(timeout=120)
     found = run_all(comm, tol=1e-4 if comm.device.type == "cuda" else 2e-6)
     print(f"rank {comm.rank} on {comm.device} ({comm.backend}): " + ("ok" if not found else "; ".join(found)),
           flush=True)
-    from benchmarks.zero_memory import exit_process  # NCCL: destroy_process_group was seen to hang
-
-    exit_process(comm, 1 if found else 0)
+    comm.barrier()
+    collectives.shutdown()
+    sys.exit(1 if found else 0)

@@ -66,6 +66,29 @@ def post(comm, sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[
     return [comm.isend(t, p) for p, t in sends], [comm.irecv(t, p) for p, t in recvs]
 
 
+def connect(comm, peers: Sequence[int]) -> None:
+    """Exchange one element with every peer in both directions, all in one group, and wait.
+
+    [Note: NCCL connections] NCCL sets up a pair's point-to-point connection the first time the
+    pair transfers, inside the grouped call, blocking the host until the peer's side joins. A
+    schedule batch that pairs a first send to one neighbour with a first receive from another can
+    then wait on the host for a peer that is itself waiting for this batch's data: the pipeline
+    deadlocked that way on 4 GPUs. Connecting every neighbour up front, all ranks at once, leaves
+    no first transfer inside a schedule. Every listed peer must list this rank too.
+    """
+    peers = sorted(set(peers))
+    if not peers:
+        return
+    dev = comm.device
+    out = [torch.zeros(1, device=dev) for _ in peers]
+    into = [torch.empty(1, device=dev) for _ in peers]
+    s_waits, r_waits = post(comm, list(zip(peers, out)), list(zip(peers, into)))
+    for w in [*s_waits, *r_waits]:
+        w.wait()
+    if dev.type == "cuda":
+        torch.cuda.current_stream(dev).synchronize()
+
+
 class _Timer:
     """Start/end times of compute actions: host clock on CPU, CUDA events on GPU (no synchronisation)."""
 
@@ -144,6 +167,9 @@ class Runtime:
         self.last = schedule.nstages - 1
         self.last_backward = max((k for k, it in enumerate(self.items) if isinstance(it, Action) and it.kind is B),
                                  default=-1)
+        me = comm.rank  # [Note: NCCL connections]; cheap elsewhere, so every backend does it
+        connect(comm, [schedule.rank_of(t) for s in stages for t in (s - 1, s + 1)
+                       if 0 <= t < schedule.nstages and schedule.rank_of(t) != me])
 
     def _local(self, a: int, b: int) -> bool:
         return self.schedule.rank_of(a) == self.schedule.rank_of(b)

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU measurements this project commits, on a 4-GPU NVLink machine.
+#
+#     OUT=/some/dir bash benchmarks/gpu_batch.sh [step...]     # default: every step, in the order below
+#
+# Steps on 2 GPUs run as two jobs side by side (GPUs 0,1 and 2,3):
+#   sweep2 (correctness sweep, eager then CUDA graphs; shutdown check) | dp2, busbw2, train2
+# (sweep2a: the sweep alone, before anything else starts).
+# Steps on 4 GPUs run one after another: busbw4, busbw4rs, compressed4, zero4, pipeline4, train4.
+# Logs and JSON land in $OUT; each step has its own time limit and a failed step does not stop the rest.
+# One 10-minute device slot does not hold them all: pass a few steps per slot.
+set -u
+: "${OUT:?set OUT to a directory for the logs and results}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=4
+wanted=" ${*:-sweep2 dp2 busbw2 train2 busbw4 busbw4rs compressed4 zero4 pipeline4 train4} "
+mkdir -p "$OUT"
+BUSBW=(-m benchmarks.busbw --algo all -b 1K -e 1G -f 4 -n 5 -w 2)
+
+want() { [[ "$wanted" == *" $1 "* ]]; }
+
+step() {  # step NAME LIMIT_S GPUS PORT NPROC -- torchrun args...
+    local name=$1 limit=$2 gpus=$3 port=$4 nproc=$5; shift 6
+    local t0=$SECONDS
+    CUDA_VISIBLE_DEVICES=$gpus timeout -k 10 "$limit" torchrun --nproc-per-node "$nproc" \
+        --master-port "$port" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
+    if [[ $rc != 0 ]]; then  # the end of a failed step's log, with torchrun's own noise left out
+        grep -v "^W[0-9]\|^  File \|^    \|^ *^" "$OUT/$name.log" | tail -n 12 | cut -c1-300 | sed "s/^/  $name| /"
+    fi
+}
+
+cat >/tmp/topocomm_shutdown.py <<'PY'
+import time, torch, collectives as C
+comm = C.init(timeout=60)
+x = torch.ones(1 << 20, device="cuda")
+for algo in ("direct", "ring", "native"):
+    comm.all_reduce(x, algorithm=algo)
+torch.cuda.synchronize()
+t = time.perf_counter()
+C.shutdown()
+print(f"rank {comm.rank}: collectives.shutdown() returned in {time.perf_counter() - t:.2f} s", flush=True)
+PY
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpus.txt" 2>&1
+python -c "import torch; print(torch.__version__, torch.cuda.nccl.version())" >>"$OUT/gpus.txt" 2>&1
+
+if want sweep2a; then
+    TOPOCOMM_CUDA_GRAPHS=0 step sweep2-eager 90 0,1 29501 2 -- -m tests.gpu_sweep -v
+fi
+(
+    if want sweep2; then
+        TOPOCOMM_CUDA_GRAPHS=0 step sweep2-eager 100 0,1 29501 2 -- -m tests.gpu_sweep -v
+        step sweep2-graphs 100 0,1 29501 2 -- -m tests.gpu_sweep -v
+        step shutdown2 60 0,1 29501 2 -- /tmp/topocomm_shutdown.py
+    fi
+) &
+(
+    want dp2 && step dp2 120 2,3 29511 2 -- -m tests.dp_cases
+    want busbw2 && step busbw2 240 2,3 29511 2 -- "${BUSBW[@]}" --op "${BUSBW2_OPS:-broadcast,reduce,all_to_all}" \
+        --json "$OUT/nccl-h200x2-busbw-rooted.json"
+    want train2 && step train2 120 2,3 29511 2 -- -m benchmarks.train --json "$OUT/train-nccl-2gpu.json"
+) &
+wait
+
+want busbw4 && step busbw4 220 0,1,2,3 29521 4 -- "${BUSBW[@]}" --op all_reduce --json "$OUT/nccl-4gpu-busbw-ar.json"
+want busbw4rs && step busbw4rs 120 0,1,2,3 29521 4 -- "${BUSBW[@]}" --op reduce_scatter,all_gather \
+    --json "$OUT/nccl-4gpu-busbw-rs-ag.json"
+want compressed4 && step compressed4 90 0,1,2,3 29521 4 -- -m benchmarks.compressed --json "$OUT/compressed-nccl-4gpu.json"
+want zero4 && step zero4 150 0,1,2,3 29521 4 -- -m benchmarks.zero_memory --json "$OUT/zero-nccl-4gpu.json"
+want pipeline4 && step pipeline4 120 0,1,2,3 29521 4 -- -m benchmarks.pipeline --timeout 60 ${PIPELINE_ARGS:-} \
+    --json "$OUT/pipeline-nccl-4gpu.json"
+want train4 && step train4 100 0,1,2,3 29521 4 -- -m benchmarks.train --json "$OUT/train-nccl-4gpu.json"
+cat "$OUT/steps.txt"

@@ -10,7 +10,14 @@ buffers (gradient buckets, flat shards), so they hit the cache.
 
 [Note: capture is local] Capturing records kernels and moves no bytes, so
 ranks need not agree on hits and misses: every rank replays exactly once per
-call either way. Scratch buffers live in each graph's private memory pool;
+call either way.
+
+[Note: capture on the second call] An instance is captured the second time
+its key is seen; the first call runs eagerly. Buffers whose address changes
+on every call (ZeRO-3's gathered units are freed and re-allocated each step)
+would otherwise pay a capture per call and fill the cache with graphs that
+are never replayed. ``TOPOCOMM_GRAPH_WARMUP`` sets how many eager calls come
+first (default 1; 0 captures at once, as the GPU correctness sweep does). Scratch buffers live in each graph's private memory pool;
 the cache keeps at most ``max_graphs`` instances (least recently used go).
 The NCCL communicator must exist before the first capture; the Communicator
 creates it with its first exchange.
@@ -28,12 +35,17 @@ import torch
 
 class GraphCache:
     def __init__(self, stream: torch.cuda.Stream, max_graphs: int | None = None,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, warmup: int | None = None) -> None:
         self.stream = stream
         self.max_graphs = max_graphs or int(os.environ.get("TOPOCOMM_GRAPH_CACHE", "64"))
         self.max_bytes = max_bytes or int(os.environ.get("TOPOCOMM_GRAPH_MAX_BYTES", str(1 << 30)))
         self.enabled = os.environ.get("TOPOCOMM_CUDA_GRAPHS", "1") not in ("0", "")
         self._graphs: collections.OrderedDict[Hashable, torch.cuda.CUDAGraph] = collections.OrderedDict()
+        self.warmup = int(os.environ.get("TOPOCOMM_GRAPH_WARMUP", "1")) if warmup is None else warmup
+        if self.warmup < 0:
+            raise ValueError(f"warmup: expected eager calls >= 0, got {self.warmup}")
+        self._seen: collections.OrderedDict[Hashable, int] = collections.OrderedDict()  # eager calls so far
+        self.captures = 0
 
     def wrap(self, key: Hashable, nbytes: int, run: Callable[[], None]) -> Callable[[], None]:
         """``run`` itself, or the replay of its captured graph."""
@@ -41,6 +53,12 @@ class GraphCache:
             return run
         g = self._graphs.get(key)
         if g is None:
+            calls = self._seen.pop(key, 0)
+            if calls < self.warmup:  # [Note: capture on the second call]
+                self._seen[key] = calls + 1
+                while len(self._seen) > 4 * self.max_graphs:
+                    self._seen.popitem(last=False)
+                return run
             try:
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, stream=self.stream):
@@ -51,6 +69,7 @@ class GraphCache:
                 self.enabled = False
                 torch.cuda.synchronize()
                 return run
+            self.captures += 1
             self._graphs[key] = g
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
@@ -59,3 +78,4 @@ class GraphCache:
 
     def clear(self) -> None:
         self._graphs.clear()
+        self._seen.clear()

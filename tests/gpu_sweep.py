@@ -6,11 +6,13 @@ Runs the same cases as the gloo sweep (tests/test_collectives.py) with CUDA
 tensors, checks every rank's result against the local reference, and exits
 non-zero on any failure. tests/test_cuda.py drives it on 2 and all GPUs.
 ``-v`` prints each case on rank 0 before it runs (the last line names a case
-that hangs), with the time so far.
+that hangs), with the time so far. CUDA graphs capture every case at its
+first call (TOPOCOMM_GRAPH_WARMUP=0); TOPOCOMM_CUDA_GRAPHS=0 runs eagerly.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -20,6 +22,8 @@ from tests.test_collectives import _check, cases_for
 
 
 def main() -> int:
+    # Each case runs once on fresh buffers: capture at first sight, or the graph path would go untested.
+    os.environ.setdefault("TOPOCOMM_GRAPH_WARMUP", "0")
     comm = C.init(timeout=60)
     cases = cases_for(comm.size)
     t0 = time.perf_counter()

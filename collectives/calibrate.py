@@ -12,7 +12,11 @@ busbw, wrong, predicted_us, in_place). Two fits:
   (alpha_intra is folded into the step overhead; inter-node terms need
   multi-node rows).
 - native: the backend is a black box, so each op gets a straight line
-  time = alpha + nbytes * beta at the measured world size.
+  time = alpha + nbytes * beta at each measured world size.
+
+Several sweeps of one kind of machine (say 2 and 4 GPUs of one host) fit one
+profile together: each sweep's rows are priced on its own topology, theta is
+shared, and native gets a line per world size.
 
 A profile is the fitted Params plus a ``match`` block (backend, device, cpus)
 that ``find_profile`` compares with the detected hardware; ``$TOPOCOMM_PROFILE``
@@ -121,56 +125,74 @@ def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, 
 def fit(rows: list[dict[str, Any]], topo: Topology, backend: str, base: Params | None = None,
         min_bytes: int = _MIN_BYTES) -> tuple[Params, dict[str, Any]]:
     """Fits Params to busbw rows; returns them and a summary (per-row predicted / measured)."""
-    base = base or default_params(topo, backend)
-    ws = str(topo.world_size)
-    native: dict[str, list[float]] = {}
-    for op in sorted({r["op"] for r in rows if r["algorithm"] == "native"}):
-        pts = [(r["bytes"], r["time_us"] * 1e-6) for r in rows
-               if r["algorithm"] == "native" and r["op"] == op and r["bytes"] >= min_bytes]
-        if len(pts) >= 2:
-            S, t = np.array(pts, float).T
-            A = np.column_stack([np.ones_like(S), S]) / t[:, None]
-            native[op] = [float(v) for v in nnls(A, np.ones_like(t))]
-    params = replace(base, native={**base.native, ws: {**base.native.get(ws, {}), **native}},
-                     source="calibrated")
-    ours = [r for r in rows if r["algorithm"] != "native" and r["bytes"] >= min_bytes]
-    if ours:
-        params = _fit_theta(ours, topo, backend, params)
+    return fit_sweeps([(topo, rows)], backend, base, min_bytes)
+
+
+def fit_sweeps(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, base: Params | None = None,
+               min_bytes: int = _MIN_BYTES) -> tuple[Params, dict[str, Any]]:
+    """Fits one Params to several sweeps, each measured on its topology (see the module note)."""
+    base = base or default_params(sweeps[0][0], backend)
+    native = {k: dict(v) for k, v in base.native.items()}
+    for topo, rows in sweeps:
+        ws = native.setdefault(str(topo.world_size), {})
+        for op in sorted({r["op"] for r in rows if r["algorithm"] == "native"}):
+            pts = [(r["bytes"], r["time_us"] * 1e-6) for r in rows
+                   if r["algorithm"] == "native" and r["op"] == op and r["bytes"] >= min_bytes]
+            if len(pts) >= 2:
+                S, t = np.array(pts, float).T
+                A = np.column_stack([np.ones_like(S), S]) / t[:, None]
+                ws[op] = [float(v) for v in nnls(A, np.ones_like(t))]
+    params = replace(base, native=native, source="calibrated")
+    ours = [(topo, [r for r in rows if r["algorithm"] != "native" and r["bytes"] >= min_bytes])
+            for topo, rows in sweeps]
+    if any(rows for _, rows in ours):
+        params = _fit_theta([(topo, rows) for topo, rows in ours if rows], backend, params)
     if backend != "nccl":
-        params = _fit_native_step(rows, topo, backend, params, min_bytes)
-    model = CostModel(topo, backend, profile=params)
-    ratios = {f'{r["op"]}/{r["algorithm"]}/{r["bytes"]}':
-              model.predict(r["op"], r["bytes"], r["algorithm"]) / (r["time_us"] * 1e-6)
-              for r in rows if r["bytes"] >= min_bytes}
+        params = _fit_native_step(sweeps[0][1], sweeps[0][0], backend, params, min_bytes)
+    ratios: dict[str, float] = {}
+    picks: list[float] = []
+    for topo, rows in sweeps:
+        model = CostModel(topo, backend, profile=params)
+        tag = f"{topo.world_size}r/" if len(sweeps) > 1 else ""
+        ratios.update({f'{tag}{r["op"]}/{r["algorithm"]}/{r["bytes"]}':
+                       model.predict(r["op"], r["bytes"], r["algorithm"]) / (r["time_us"] * 1e-6)
+                       for r in rows if r["bytes"] >= min_bytes})
+        picks += pick_results(model, rows, min_bytes)
     vals = np.array(list(ratios.values())) if ratios else np.ones(1)
     summary = {"rows": len(ratios), "ratio_min": float(vals.min()), "ratio_max": float(vals.max()),
                "within_25pct": float(np.mean(np.abs(vals - 1) <= 0.25)),
-               "pick_within_5pct": pick_quality(model, rows, min_bytes), "ratios": ratios}
+               "pick_within_5pct": float(np.mean(picks)) if picks else 1.0, "ratios": ratios}
     return params, summary
 
 
 def pick_quality(model: CostModel, rows: list[dict[str, Any]], min_bytes: int = _MIN_BYTES) -> float:
     """Fraction of measured (op, size) cells where the model's pick ran within 5% of the fastest measured."""
+    good = pick_results(model, rows, min_bytes)
+    return float(np.mean(good)) if good else 1.0
+
+
+def pick_results(model: CostModel, rows: list[dict[str, Any]], min_bytes: int = _MIN_BYTES) -> list[bool]:
+    """Per measured (op, size) cell: whether the model's pick ran within 5% of the fastest measured."""
     cells: dict[tuple[str, int], dict[str, float]] = {}
     for r in rows:
         if r["bytes"] >= min_bytes:
             cells.setdefault((r["op"], r["bytes"]), {})[r["algorithm"]] = r["time_us"]
-    good = [times.get(model.plan(op, nbytes, candidates=tuple(times)).algorithm, np.inf) <= 1.05 * min(times.values())
+    return [times.get(model.plan(op, nbytes, candidates=tuple(times)).algorithm, np.inf) <= 1.05 * min(times.values())
             for (op, nbytes), times in cells.items()]
-    return float(np.mean(good)) if good else 1.0
 
 
-def _fit_theta(rows: list[dict[str, Any]], topo: Topology, backend: str, params: Params) -> Params:
+def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, params: Params) -> Params:
     """Re-linearised NNLS from a few starts (which lines bind depends on theta: a pair that starts no
     slower than its port never binds, so also start with slower pairs); keeps the best relative fit."""
-    t = np.array([r["time_us"] * 1e-6 for r in rows])
+    t = np.array([r["time_us"] * 1e-6 for _, rows in sweeps for r in rows])
     best: tuple[float, np.ndarray] | None = None
     for slower in (1.0, 2.0, 4.0):
         theta = _theta(params)
         theta[7] = max(theta[7], slower * theta[4])
         for _ in range(8):
-            model = CostModel(topo, backend, profile=_params(params, theta))
             X = np.array([features(model, Collective(r["op"]), r["algorithm"], float(r["bytes"]), theta)
+                          for topo, rows in sweeps
+                          for model in (CostModel(topo, backend, profile=_params(params, theta)),)
                           for r in rows])
             # alpha_intra rides with the step overhead (the same column on one node); fit what the rows exercise.
             free = [j for j in (0, 1, 3, 4, 5, 6, 7, 8) if np.any(X[:, j] > 0)]
@@ -182,9 +204,9 @@ def _fit_theta(rows: list[dict[str, Any]], topo: Topology, backend: str, params:
             theta = new
             if done:
                 break
-        model = CostModel(topo, backend, profile=_params(params, theta))
-        err = float(np.sqrt(np.mean([(model.predict(r["op"], r["bytes"], r["algorithm"]) / ti - 1) ** 2
-                                     for r, ti in zip(rows, t)])))
+        pred = [CostModel(topo, backend, profile=_params(params, theta)).predict(r["op"], r["bytes"], r["algorithm"])
+                for topo, rows in sweeps for r in rows]
+        err = float(np.sqrt(np.mean((np.array(pred) / t - 1) ** 2)))
         if best is None or err < best[0]:
             best = (err, theta)
     return _params(params, best[1])
@@ -352,6 +374,25 @@ def measure_launched(sizes: tuple[int, ...] = (64 << 10, 1 << 20, 16 << 20, 256 
     return (_header(comm.backend, comm.size, repeats), rows, comm.topology) if comm.rank == 0 else None
 
 
+def _sweep_topology(header: dict[str, Any], path: str | None) -> Topology:
+    """The topology a sweep ran on: ``path`` (cut to the sweep's first ranks), the header's, or a local one."""
+    n = int(header.get("world_size") or 0)
+    if path:
+        topo = Topology.load(path)
+        reports = topo.details.get("reports") if isinstance(topo.details, dict) else None
+        if n and n < topo.world_size:
+            if not reports:
+                raise ValueError(f"--topology: {path} has {topo.world_size} ranks and no per-rank reports to "
+                                 f"cut to the sweep's {n}")
+            return from_reports(reports[:n])
+        return topo
+    if "topology" in header:  # re-derive from the raw reports, so detection fixes apply to old sweeps
+        reports = header["topology"].get("details", {}).get("reports")
+        return from_reports(reports) if reports else Topology.from_json(header["topology"])
+    machine = str(header.get("machine", ""))
+    return Topology.local(n or 4, cpus=int(machine.split("(")[-1].split()[0]) if "CPUs" in machine else None)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
     ap = argparse.ArgumentParser(prog="python -m collectives.calibrate",
@@ -361,12 +402,12 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--nproc", type=int, default=4)
     m.add_argument("--json", required=True, help="write {header, rows} here")
     f = sub.add_parser("fit", help="fit a profile to busbw JSON rows")
-    f.add_argument("rows", help="busbw JSON ({header, rows} or a list of rows)")
+    f.add_argument("rows", nargs="+", help="busbw JSON files ({header, rows} or a list of rows), one machine kind")
     f.add_argument("--save", required=True, help="profile to write")
     f.add_argument("--backend", default=None)
     f.add_argument("--topology", default=None,
                    help="topology JSON of the measured machine (python -m collectives topology --save), "
-                        "for sweeps whose header does not carry one")
+                        "for sweeps whose header does not carry one; a sweep over fewer ranks gets its first ranks")
     a = ap.parse_args(argv)
     if a.cmd == "measure":
         if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
@@ -380,22 +421,18 @@ def main(argv: list[str] | None = None) -> None:
         Path(a.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
         print(f"{len(rows)} rows -> {a.json}")
         return
-    header, rows = load_rows(a.rows)
-    backend = a.backend or header.get("backend", "gloo")
-    if a.topology:
-        topo = Topology.load(a.topology)
-    elif "topology" in header:  # re-derive from the raw reports, so detection fixes apply to old sweeps
-        reports = header["topology"].get("details", {}).get("reports")
-        topo = from_reports(reports) if reports else Topology.from_json(header["topology"])
-    else:
-        topo = Topology.local(int(header.get("world_size") or 4), cpus=int(str(header.get("machine", "")).split(
-            "(")[-1].split()[0]) if "CPUs" in str(header.get("machine", "")) else None)
-    params, summary = fit(rows, topo, backend)
+    loaded = [load_rows(path) for path in a.rows]
+    backend = a.backend or loaded[0][0].get("backend", "gloo")
+    sweeps = [(_sweep_topology(header, a.topology), rows) for header, rows in loaded]
+    params, summary = fit_sweeps(sweeps, backend)
     meta = {k: v for k, v in summary.items() if k != "ratios"}
-    meta.update(header={k: v for k, v in header.items() if k != "topology"}, topology=topo.to_json(),
+    headers = [{k: v for k, v in header.items() if k != "topology"} for header, _ in loaded]
+    meta.update(header=headers[0] if len(headers) == 1 else headers, topology=sweeps[-1][0].to_json(),
                 note="fitted by python -m collectives.calibrate fit; 'rows' are the measurements",
-                rows=[{k: r[k] for k in ("op", "algorithm", "bytes", "time_us") if k in r} for r in rows])
-    save_profile(a.save, params, hardware_key(topo, backend), meta)
+                rows=[{**{k: r[k] for k in ("op", "algorithm", "bytes", "time_us") if k in r},
+                       **({"world_size": topo.world_size} if len(sweeps) > 1 else {})}
+                      for topo, rows in sweeps for r in rows])
+    save_profile(a.save, params, hardware_key(sweeps[-1][0], backend), meta)
     for key, r in sorted(summary["ratios"].items()):
         print(f"{key:45s} predicted/measured {r:6.2f}")
     print(f"within 25%: {100 * summary['within_25pct']:.0f}% of {summary['rows']} rows; pick within 5% of the "

@@ -303,6 +303,31 @@ def test_fit_recovers_known_parameters(tmp_path):
     assert json.loads(path.read_text())["match"]["backend"] == "gloo"
 
 
+def test_fit_of_two_world_sizes_shares_theta_and_keeps_a_native_line_each():
+    """Sweeps on 2 and 4 ranks of one machine kind: each priced on its own topology, one theta."""
+    truth = M.Params(intra_alpha=0.0, intra_bandwidth=2e9, pair_bandwidth=0.8e9, inter_alpha=0.0,
+                     inter_bandwidth=1e9, step_overhead=1.5e-3, reduce_bandwidth=3e9, native_step=0.0,
+                     call_overhead=0.3e-3, oversubscribed_step=0.0)
+    sizes = (1 << 18, 1 << 20, 1 << 22, 1 << 24)
+    native = {2: (1e-4, 1e-9), 4: (2e-4, 2e-9)}  # the backend's own lines: alpha, seconds per byte
+    sweeps = []
+    for n in (2, 4):
+        topo = Topology.local(n, cpus=0)
+        model = M.CostModel(topo, "nccl", profile=truth)
+        rows = [{"op": op, "algorithm": a, "bytes": s, "time_us": model.predict(op, s, a) * 1e6}
+                for op in ("all_reduce", "reduce_scatter") for a in ("ring", "direct") for s in sizes]
+        rows += [{"op": "all_reduce", "algorithm": "native", "bytes": s,
+                  "time_us": (native[n][0] + native[n][1] * s) * 1e6} for s in sizes]
+        sweeps.append((topo, rows))
+    params, summary = calibrate.fit_sweeps(sweeps, "nccl")
+    assert max(abs(r - 1) for r in summary["ratios"].values()) < 0.02  # every row of both sweeps, one theta
+    assert params.pair_bandwidth == pytest.approx(truth.pair_bandwidth, rel=0.02)
+    for n, (alpha, beta) in native.items():
+        assert params.native[str(n)]["all_reduce"] == pytest.approx([alpha, beta], rel=1e-3)
+    assert summary["within_25pct"] == 1.0 and summary["rows"] == 2 * (16 + 4)
+    assert any(k.startswith("2r/") for k in summary["ratios"]) and any(k.startswith("4r/") for k in summary["ratios"])
+
+
 def test_profile_lookup(tmp_path, monkeypatch):
     topo = Topology.local(4)
     params = M.default_params(topo, "gloo")

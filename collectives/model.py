@@ -178,6 +178,11 @@ class Plan:
 
 
 _PIPELINES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_FEW_PIPELINES = (1, 2, 4, 8)  # staggered phases (hierarchical): each part adds a round, gains flatten fast
+
+
+def _pipelines(algorithm: str) -> tuple[int, ...]:
+    return _FEW_PIPELINES if algorithm == "hierarchical" else _PIPELINES
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -239,7 +244,7 @@ class CostModel:
         if algorithm == NATIVE:
             return np.min([t for _, t in self._native(coll, S, dtype)], axis=0)
         theta = self._theta(dtype)
-        ks = [pipeline] if pipeline else (_PIPELINES if algorithms.pipelined(algorithm, coll) else (1,))
+        ks = [pipeline] if pipeline else (_pipelines(algorithm) if algorithms.pipelined(algorithm, coll) else (1,))
         return np.min([evaluate(self.struct(coll, algorithm, k), theta, S) for k in ks], axis=0)
 
     def _native(self, coll: Collective, S: np.ndarray, dtype: Any) -> list[tuple[str, np.ndarray]]:
@@ -268,8 +273,9 @@ class CostModel:
         if algorithm == NATIVE or not algorithms.pipelined(algorithm, coll) or self.topology.world_size < 2:
             return 1
         S, theta = np.array([float(nbytes)]), self._theta(dtype)
-        times = [evaluate(self.struct(coll, algorithm, k), theta, S)[0] for k in _PIPELINES]
-        return _PIPELINES[int(np.argmin(times))]
+        ks = _pipelines(algorithm)
+        times = [evaluate(self.struct(coll, algorithm, k), theta, S)[0] for k in ks]
+        return ks[int(np.argmin(times))]
 
     # -- choice ----------------------------------------------------------------
     def choose(self, op: str | Collective, nbytes: int, dtype: Any = "float32",
@@ -361,7 +367,7 @@ def _structure(lay: _Layout, nodes: tuple, coll: Collective, algorithm: str, pip
             ("halving_doubling", C.ALL_REDUCE): lambda: hd_struct(lay, coll),
             ("halving_doubling", C.REDUCE_SCATTER): lambda: hd_struct(lay, coll),
             ("halving_doubling", C.ALL_GATHER): lambda: hd_struct(lay, coll),
-            ("hierarchical", C.ALL_REDUCE): lambda: hierarchical_struct(lay, nodes),
+            ("hierarchical", C.ALL_REDUCE): lambda: hierarchical_struct(lay, nodes, pipeline),
             ("direct", C.ALL_REDUCE): lambda: direct_struct(lay, coll),
             ("direct", C.REDUCE_SCATTER): lambda: direct_struct(lay, coll),
             ("direct", C.ALL_GATHER): lambda: direct_struct(lay, coll),

@@ -400,23 +400,39 @@ def hd_struct(lay: _Layout, coll: Collective, full: bool = False) -> Struct:
     return _collect(rounds)
 
 
-def hierarchical_struct(lay: _Layout, nodes: tuple[tuple[int, ...], ...]) -> Struct | None:
-    """algorithms/hierarchical.py with equal nodes: intra ring RS, one ring per rail, intra ring AG."""
+def hierarchical_struct(lay: _Layout, nodes: tuple[tuple[int, ...], ...], parts: int = 1) -> Struct | None:
+    """algorithms/hierarchical.py with equal nodes: intra ring RS, one ring per rail, intra ring AG;
+    with ``parts`` > 1, staggered parts (a round carries every part's current phase, each 1/parts)."""
     if len({len(x) for x in nodes}) != 1:
         return None
     arr = np.array(nodes, np.int64)
     N, L = arr.shape
     src = arr.ravel()
     intra, rail = np.roll(arr, -1, axis=1).ravel(), np.roll(arr, -1, axis=0).ravel()
-    parts = []
-    if L > 1:
-        parts += [round_lines(lay, src, intra, 1 / L, intra, 1 / L)] * (L - 1)
-    if N > 1:
-        f = 1 / (L * N)
-        parts += [round_lines(lay, src, rail, f, rail, f)] * (N - 1) + [round_lines(lay, src, rail, f)] * (N - 1)
-    if L > 1:
-        parts += [round_lines(lay, src, intra, 1 / L)] * (L - 1)
-    return _collect(parts)
+    f = 1 / (L * N)
+    # the phases in order: (destinations, fraction moved, reduces?, rounds)
+    phases = [(intra, 1 / L, True, L - 1), (rail, f, True, N - 1), (rail, f, False, N - 1), (intra, 1 / L, False, L - 1)]
+    kinds = [i for i, (_, _, _, count) in enumerate(phases) for _ in range(count)]
+    if not kinds:
+        return ()
+    lines: dict[tuple[int, ...], np.ndarray] = {}
+    rounds = []
+    for t in range(len(kinds) + parts - 1):
+        active = [0] * len(phases)  # parts in each phase during round t
+        for i in kinds[max(0, t - parts + 1):t + 1]:
+            active[i] += 1
+        key = tuple(active)
+        if key not in lines:
+            used = [i for i, c in enumerate(active) if c]
+            dst = np.concatenate([phases[i][0] for i in used])
+            frac = np.concatenate([np.full(len(src), active[i] * phases[i][1] / parts) for i in used])
+            red = [i for i in used if phases[i][2]]
+            lines[key] = round_lines(lay, np.tile(src, len(used)), dst, frac,
+                                     np.concatenate([phases[i][0] for i in red]) if red else None,
+                                     np.concatenate([np.full(len(src), active[i] * phases[i][1] / parts)
+                                                     for i in red]) if red else 0.0)
+        rounds.append(lines[key])
+    return _collect(rounds)
 
 
 def direct_struct(lay: _Layout, coll: Collective) -> Struct:

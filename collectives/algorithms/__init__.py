@@ -32,7 +32,8 @@ _REGISTRY: dict[tuple[str, Collective], _Builder] = {
         lambda n, root, nodes, k: halving_doubling.halving_doubling_reduce_scatter(n),
     ("halving_doubling", Collective.ALL_GATHER):
         lambda n, root, nodes, k: halving_doubling.halving_doubling_all_gather(n),
-    ("hierarchical", Collective.ALL_REDUCE): lambda n, root, nodes, k: hierarchical.hierarchical_all_reduce(n, nodes),
+    ("hierarchical", Collective.ALL_REDUCE):
+        lambda n, root, nodes, k: hierarchical.hierarchical_all_reduce(n, nodes, k),
     ("pairwise", Collective.ALL_TO_ALL): lambda n, root, nodes, k: pairwise.pairwise_all_to_all(n),
     ("direct", Collective.ALL_REDUCE): lambda n, root, nodes, k: direct.direct_all_reduce(n),
     ("direct", Collective.REDUCE_SCATTER): lambda n, root, nodes, k: direct.direct_reduce_scatter(n),
@@ -67,6 +68,7 @@ def pipelined(name: str, collective: Collective) -> bool:
 _PIPELINED: set[tuple[str, Collective]] = {
     ("ring", Collective.BROADCAST), ("ring", Collective.REDUCE),
     ("tree", Collective.ALL_REDUCE), ("tree", Collective.BROADCAST), ("tree", Collective.REDUCE),
+    ("hierarchical", Collective.ALL_REDUCE),
 }
 
 

@@ -25,6 +25,13 @@ then copied, so all ranks hold the same reduction order.
 Unequal node sizes fall back to leaders (local index 0): a binomial reduce of
 the whole buffer to the leader inside each node, a ring all-reduce among the
 leaders on N chunks, and a binomial broadcast inside each node.
+
+Pipelined (``pipeline`` k > 1): the buffer is cut into k parts, each running the
+schedule above on its own chunks, part p starting p steps after part p-1. Step t
+then carries part p's step t - p for every p: the intra-node phases of one part
+travel while another part is on the inter-node rails, so the slow links are not
+left idle while nodes reduce and gather locally. k - 1 more steps, each moving
+1/k as much.
 """
 
 from __future__ import annotations
@@ -103,8 +110,27 @@ def _leaders(n: int, nodes: Nodes) -> Schedule:
     return Schedule(Collective.ALL_REDUCE, "hierarchical", n, nn, _steps(grid))
 
 
-def hierarchical_all_reduce(world_size: int, nodes: Sequence[Sequence[int]] | None = None) -> Schedule:
+def hierarchical_all_reduce(world_size: int, nodes: Sequence[Sequence[int]] | None = None,
+                            pipeline: int = 1) -> Schedule:
     nodes_ = check_nodes(world_size, nodes)
-    if len({len(node) for node in nodes_}) == 1:
-        return _rails(world_size, nodes_)
-    return _leaders(world_size, nodes_)
+    if pipeline < 1:
+        raise ValueError(f"pipeline: expected >= 1 parts, got {pipeline}")
+    base = _rails(world_size, nodes_) if len({len(node) for node in nodes_}) == 1 else _leaders(world_size, nodes_)
+    return staggered(base, pipeline)
+
+
+def staggered(s: Schedule, parts: int) -> Schedule:
+    """``parts`` copies of ``s`` on consecutive chunk ranges, copy p delayed by p steps (see the module note).
+
+    Chunk layouts of one block only (all-reduce, broadcast, reduce). Ops of one step are listed part by
+    part on every rank, so a pair's transfers keep one order at both ends.
+    """
+    if parts == 1 or s.nsteps == 0:
+        return s
+    if s.blocks != 1:
+        raise ValueError(f"staggered: {s.collective.value} cuts its buffer into blocks; stagger a one-block schedule")
+    n = s.world_size
+    grid: _Grid = [[[] for _ in range(s.nsteps + parts - 1)] for _ in range(n)]
+    for p in range(parts):
+        _embed(grid, s, range(n), p, offset=p * s.nchunks)
+    return Schedule(s.collective, s.algorithm, n, s.nchunks * parts, _steps(grid), root=s.root)

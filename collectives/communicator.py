@@ -53,12 +53,19 @@ class Handle:
     """The result of an ``async_op=True`` call, ``isend`` or ``irecv``; ``wait()`` returns the tensor."""
 
     def __init__(self, result: torch.Tensor | None, future: Future | None = None,
-                 event: torch.cuda.Event | None = None, waits: list | None = None) -> None:
+                 event: torch.cuda.Event | None = None, waits: list | None = None,
+                 on_error: Callable[[Future], None] | None = None) -> None:
         self._result, self._future, self._event, self._waits = result, future, event, waits
+        self._on_error = on_error
 
     def wait(self, timeout: float | None = None) -> torch.Tensor | None:
         if self._future is not None:
-            self._future.result(timeout)
+            try:
+                self._future.result(timeout)
+            except Exception:
+                if self._future.done() and self._on_error is not None:
+                    self._on_error(self._future)  # raised here: later calls need not raise it again
+                raise
         if self._waits:
             for w in self._waits:
                 w.wait()
@@ -346,7 +353,14 @@ class Communicator:
             self._pending.popleft()  # finished and waited for by their handles: nothing left to order
         fut = self._worker.submit(run)
         self._pending.append(fut)
-        return Handle(result, future=fut)
+        return Handle(result, future=fut, on_error=self._forget)
+
+    def _forget(self, fut: Future) -> None:
+        """A failed asynchronous call whose error its Handle already raised."""
+        try:
+            self._pending.remove(fut)
+        except ValueError:
+            pass
 
     def _drain(self) -> None:
         while self._pending:

@@ -264,6 +264,38 @@ def async_and_p2p(comm) -> list[str]:
     return problems
 
 
+def async_errors(comm) -> list[str]:
+    """A failed asynchronous call raises once: from its Handle if waited, else from the next blocking call."""
+    problems = []
+
+    def boom() -> None:
+        raise RuntimeError("injected failure")
+
+    x = torch.ones(8)
+    h = comm._dispatch(boom, x, (x,), async_op=True)
+    try:
+        h.wait()
+        problems.append("Handle.wait() of a failed call returned")
+    except RuntimeError as e:
+        if "injected" not in str(e):
+            problems.append(f"Handle.wait() raised something else: {e}")
+    try:
+        comm.all_reduce(x)  # the failure was reported already: this call must just work
+    except RuntimeError as e:
+        problems.append(f"a blocking call after a waited failure raised it again: {e}")
+    comm._dispatch(boom, x, (x,), async_op=True)  # never waited: must not be lost
+    try:
+        comm.all_reduce(x)
+        problems.append("a failure nobody waited for was lost")
+    except RuntimeError as e:
+        if "injected" not in str(e):
+            problems.append(f"the unwaited failure surfaced as something else: {e}")
+    comm.all_reduce(x)  # and only once
+    if not torch.all(x == comm.size ** 2):
+        problems.append(f"all_reduce after the failures: {x.tolist()}")
+    return problems
+
+
 def mismatch(comm) -> str:
     """Under TOPOCOMM_DEBUG=1, ranks calling different collectives all raise a clear error."""
     from collectives import CollectiveMismatchError

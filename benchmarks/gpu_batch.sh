@@ -8,7 +8,8 @@
 # (sweep2a: the sweep alone, before anything else starts).
 # Steps on 4 GPUs run one after another: busbw4, busbw4rs, compressed4, zero4, pipeline4, train4.
 # Logs and JSON land in $OUT; each step has its own time limit and a failed step does not stop the rest.
-# One 10-minute device slot does not hold them all: pass a few steps per slot.
+# One 10-minute device slot does not hold them all: pass a few steps per slot. PACK=1 leaves one
+# $OUT/results.tgz (plus steps.txt) instead of the loose files, for runners that return few files.
 set -u
 : "${OUT:?set OUT to a directory for the logs and results}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -73,3 +74,7 @@ want pipeline4 && step pipeline4 120 0,1,2,3 29521 4 -- -m benchmarks.pipeline -
     --json "$OUT/pipeline-nccl-4gpu.json"
 want train4 && step train4 100 0,1,2,3 29521 4 -- -m benchmarks.train --json "$OUT/train-nccl-4gpu.json"
 cat "$OUT/steps.txt"
+if [[ "${PACK:-0}" == 1 ]]; then
+    tar czf /tmp/topocomm_results.tgz -C "$OUT" --exclude=steps.txt . && find "$OUT" -mindepth 1 ! -name steps.txt -delete \
+        && mv /tmp/topocomm_results.tgz "$OUT/results.tgz"
+fi

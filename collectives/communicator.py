@@ -115,6 +115,7 @@ class Communicator:
         self._overrides = _parse_overrides(os.environ.get("TOPOCOMM_ALGO", ""))
         self._debug = os.environ.get("TOPOCOMM_DEBUG", "") not in ("", "0")
         self._seq = 0
+        self._closed = False
         self._worker: ThreadPoolExecutor | None = None
         self._pending: collections.deque[Future] = collections.deque()
         from .model import CostModel
@@ -245,6 +246,7 @@ class Communicator:
 
     def _call(self, coll: Collective, algorithm: object, red: Reduction | None, out: torch.Tensor,
               inp: torch.Tensor | None, root: int | None, async_op: bool, wire: torch.dtype | None = None):
+        self._check_open()
         nbytes = (inp if coll in (Collective.REDUCE_SCATTER, Collective.ALL_TO_ALL) else out)
         nbytes = nbytes.numel() * (nbytes.element_size() if wire is None else wire.itemsize)
         name, pipeline = self._select(coll, nbytes, wire or out.dtype, algorithm)
@@ -362,7 +364,12 @@ class Communicator:
         except ValueError:
             pass
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"rank {self.rank}: this Communicator is closed (close() or collectives.shutdown())")
+
     def _drain(self) -> None:
+        self._check_open()
         while self._pending:
             self._pending.popleft().result()
 
@@ -374,13 +381,23 @@ class Communicator:
 
     def close(self) -> None:
         """Finish queued work and release what the communicator holds (worker thread, captured
-        CUDA graphs and their memory pools). Call before destroying the process group."""
+        CUDA graphs and their memory pools, its process group). Call before destroying the process
+        group; later calls raise. Closing twice is harmless."""
+        if self._closed:
+            return
         self.synchronize()
         if self._graphs is not None:
             self._graphs.clear()
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+        # Let destroy_process_group() free the group now: one still referenced from here would be
+        # torn down at interpreter exit instead, where gloo's threads were seen to abort the process.
+        self._closed = True
+        self.group = None
+        transport = self._executor.transport
+        if hasattr(transport, "group"):
+            transport.group = None
         _OPEN.discard(self)
 
 

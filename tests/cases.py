@@ -296,6 +296,32 @@ def async_errors(comm) -> list[str]:
     return problems
 
 
+def closed_communicator(comm) -> list[str]:
+    """A closed Communicator lets go of its group and refuses further calls with a clear error."""
+    from collectives import Communicator
+
+    problems = []
+    other = Communicator(comm.group, topology=comm.topology)
+    x = torch.ones(4)
+    other.all_reduce(x, algorithm="ring")
+    other.close()
+    other.close()  # twice is harmless
+    if other.group is not None:
+        problems.append("close() kept a reference to the process group")
+    for name, call in (("all_reduce", lambda: other.all_reduce(x)), ("barrier", other.barrier),
+                       ("exchange_json", lambda: other.exchange_json(1))):
+        try:
+            call()
+            problems.append(f"{name} on a closed Communicator returned")
+        except RuntimeError as e:
+            if "closed" not in str(e):
+                problems.append(f"{name} on a closed Communicator: unclear error {e}")
+    comm.all_reduce(x)  # the group itself is still fine for everyone else
+    if not torch.all(x == comm.size * comm.size):
+        problems.append(f"all_reduce on the open communicator afterwards: {x.tolist()}")
+    return problems
+
+
 def mismatch(comm) -> str:
     """Under TOPOCOMM_DEBUG=1, ranks calling different collectives all raise a clear error."""
     from collectives import CollectiveMismatchError

@@ -23,6 +23,12 @@ def test_failed_async_call_raises_exactly_once(pool, size):
         assert problems == []
 
 
+@pytest.mark.parametrize("size", [1, 3])
+def test_closed_communicator_refuses_calls(pool, size):
+    for problems in pool.run(size, "tests.cases:closed_communicator"):
+        assert problems == []
+
+
 def test_debug_mode_reports_mismatched_calls_on_every_rank(pool):
     messages = pool.run(3, "tests.cases:mismatch", env={"TOPOCOMM_DEBUG": "1"}, timeout=60)
     for msg in messages:

@@ -173,6 +173,13 @@ class Executor:
                     g = group(k)
                     g.copies.append((len(g.recvs), work[a:b], wire[a:b]))
                     g.recvs.append((op.peer, wire[a:b]))
+        if wire is not None:
+            # Several receives reducing into one slice (direct's reduce-scatter): refresh its wire copy once,
+            # after the last of them. The last combine touching an element is the last with its exact slice.
+            for g in groups:
+                last = {(dst.data_ptr(), dst.numel()): i for i, (_, dst, _, _) in enumerate(g.combines)}
+                g.combines = [(r, dst, src, w if last[(dst.data_ptr(), dst.numel())] == i else None)
+                              for i, (r, dst, src, w) in enumerate(g.combines)]
         return groups, not (sent & reduced)
 
     def _step_host(self, groups: list[_Group], ordered: bool, red: Reduction | None) -> None:

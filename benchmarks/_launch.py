@@ -60,3 +60,12 @@ def spawn(module: str, argv: list[str], nproc: int) -> int:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def write_json(path: Path, doc: object) -> None:
+    """Write a result document (creating its folder) and say where it went."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"# wrote {path}", flush=True)

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchmarks._launch import launched, spawn
+from benchmarks._launch import launched, spawn, write_json
 import torch.nn.functional as F
 from torch import nn
 
@@ -293,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                     print_rows(new)
                 rows += new
         if comm.rank == 0 and args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"header": head, "rows": rows}, indent=1) + "\n")
-            print(f"# wrote {args.json}", flush=True)
+            write_json(args.json, {"header": head, "rows": rows})
         return 0
     finally:
         import collectives

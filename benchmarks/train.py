@@ -32,20 +32,19 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import os
 import platform
 import shlex
 import socket
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from benchmarks._models import MLPStack, width_for
-from benchmarks._launch import launched, spawn, spawned
+from benchmarks._launch import launched, spawn, spawned, write_json
+from benchmarks._timing import slowest, timed
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -172,29 +171,6 @@ def _ddp_compress_hook(compress: str, backend: str) -> Callable:
     return cast_bf16_hook
 
 
-def _sync(comm) -> None:
-    if comm.device.type == "cuda":
-        torch.cuda.synchronize(comm.device)
-    comm.barrier()
-
-
-def _slowest(comm, seconds: list[float]) -> list[float]:
-    t = torch.tensor(seconds, dtype=torch.float64, device=comm.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def timed(comm, fn: Callable[[], None], iters: int) -> float:
-    """Seconds per call of ``fn`` on this rank, device work included."""
-    _sync(comm)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if comm.device.type == "cuda":
-        torch.cuda.synchronize(comm.device)
-    return (time.perf_counter() - t0) / iters
-
-
 def throughput(comm, runners: dict[str, Runner], x, y, a) -> dict[str, list[float]]:
     """Per wrapper, seconds per step of each round (the slowest rank's)."""
     for r in runners.values():
@@ -205,7 +181,7 @@ def throughput(comm, runners: dict[str, Runner], x, y, a) -> dict[str, list[floa
     for k in range(a.rounds):
         for name in (order if k % 2 == 0 else order[::-1]):
             per_round[name].append(timed(comm, lambda r=runners[name]: r.step(x, y), a.steps))
-    return {n: _slowest(comm, v) for n, v in per_round.items()}
+    return {n: slowest(comm, v) for n, v in per_round.items()}
 
 
 def overlap(comm, runners: dict[str, Runner], x, y, iters: int, reps: int) -> dict[str, dict[str, float]]:
@@ -223,7 +199,7 @@ def overlap(comm, runners: dict[str, Runner], x, y, iters: int, reps: int) -> di
             s["both"].append(timed(comm, lambda: r.forward_backward(x, y, sync=True), iters))
     out = {}
     for name, s in samples.items():
-        med = {k: statistics.median(_slowest(comm, v)) for k, v in s.items()}
+        med = {k: statistics.median(slowest(comm, v)) for k, v in s.items()}
         hidden = (med["compute"] + med["comm"] - med["both"]) / med["comm"] if med["comm"] > 0 else 0.0
         out[name] = {"compute_ms": med["compute"] * 1e3, "comm_ms": med["comm"] * 1e3, "both_ms": med["both"] * 1e3,
                      "exposed_comm_ms": max(0.0, med["both"] - med["compute"]) * 1e3,
@@ -320,9 +296,7 @@ def run(comm, a: argparse.Namespace) -> int:
     if comm.rank == 0:
         doc = report(head, rounds, olap, [{k: v for k, v in p.items() if k != "params"} for p in plans])
         if a.json:
-            a.json.parent.mkdir(parents=True, exist_ok=True)
-            a.json.write_text(json.dumps(doc, indent=1) + "\n")
-            print(f"# wrote {a.json}")
+            write_json(a.json, doc)
     return 0
 
 

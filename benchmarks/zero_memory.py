@@ -32,22 +32,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import platform
 import shlex
 import socket
 import statistics
 import sys
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from benchmarks._models import Block, MLPStack, width_for
-from benchmarks._launch import launched, spawn, spawned
-import torch.distributed as dist
+from benchmarks._launch import launched, spawn, spawned, write_json
+from benchmarks._timing import slowest, sync, timed
 import torch.nn.functional as F
 from torch import nn
 
@@ -116,12 +113,6 @@ def live_tensor_bytes(device: torch.device) -> int:
     return total
 
 
-def _sync(comm) -> None:
-    if comm.device.type == "cuda":
-        torch.cuda.synchronize(comm.device)
-    comm.barrier()
-
-
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                 zero_grad: bool = True) -> None:
     F.mse_loss(model(x).float(), y).backward()
@@ -154,7 +145,7 @@ def measure_stage(comm, stage: int, d: int, layers: int) -> dict:
         _train_step(model, opt, x, y)
     F.mse_loss(model(x).float(), y).backward()  # gradients held, as the formula counts them
     opt.step()
-    _sync(comm)
+    sync(comm)
     row = {"stage": stage, "psi": psi, "world_size": comm.size,
            "formula": formula(stage, psi, comm.size),
            "report": parallel.memory_report(model, opt).as_dict(),
@@ -185,20 +176,6 @@ def make_fsdp2(module: nn.Module, device: torch.device) -> tuple[nn.Module, torc
     return module, torch.optim.AdamW(module.parameters(), lr=1e-4)
 
 
-def _timed(comm, fn: Callable[[], None], iters: int) -> float:
-    _sync(comm)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if comm.device.type == "cuda":
-        torch.cuda.synchronize(comm.device)
-    return time.perf_counter() - t0
-
-
-def _slowest(comm, seconds: list[float]) -> list[float]:
-    t = torch.tensor(seconds, dtype=torch.float64, device=comm.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def throughput(comm, d: int, layers: int, a: argparse.Namespace) -> dict:
@@ -226,11 +203,11 @@ def throughput(comm, d: int, layers: int, a: argparse.Namespace) -> dict:
     for k in range(a.rounds):
         for name in (order if k % 2 == 0 else order[::-1]):
             model, opt = runners[name]
-            secs[name].append(_timed(comm, lambda: _train_step(model, opt, x, y), a.steps))
+            secs[name].append(timed(comm, lambda: _train_step(model, opt, x, y), a.steps) * a.steps)
     out: dict = {"batch_per_rank": a.batch, "seq": a.seq, "rounds": a.rounds, "steps_per_round": a.steps,
                  "errors": errors, "rows": {}}
     for name, s in secs.items():
-        sps = [a.steps / t for t in _slowest(comm, s)]
+        sps = [a.steps / t for t in slowest(comm, s)]
         out["rows"][name] = {"steps_per_s": statistics.median(sps), "rounds_steps_per_s": sps}
     if "fsdp2" in out["rows"]:
         z, f = out["rows"]["zero3"], out["rows"]["fsdp2"]
@@ -318,9 +295,7 @@ def run(comm, a: argparse.Namespace) -> int:
     if comm.rank == 0:
         print_report(doc)
         if a.json:
-            a.json.parent.mkdir(parents=True, exist_ok=True)
-            a.json.write_text(json.dumps(doc, indent=1) + "\n")
-            print(f"# wrote {a.json}")
+            write_json(a.json, doc)
     return 0
 
 

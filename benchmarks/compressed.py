@@ -11,31 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.distributed as dist
 
 import collectives as C
+from benchmarks._timing import slowest, timed
 
 
-def dist_device() -> torch.device:
-    """Where the default group's collectives take tensors (CUDA for NCCL)."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _time(fn, iters: int, sync) -> float:
+def _time(comm, fn, iters: int) -> float:
+    """The slowest rank's seconds per call, after three untimed calls."""
     for _ in range(3):
         fn()
-    sync()
-    dist.barrier()
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    took = torch.tensor([(time.perf_counter() - t) / iters], device=dist_device())
-    dist.all_reduce(took, op=dist.ReduceOp.MAX)  # the slowest rank's time
-    return took.item()
+    return slowest(comm, [timed(comm, fn, iters)])[0]
 
 
 def main() -> None:
@@ -47,7 +35,6 @@ def main() -> None:
     args = p.parse_args()
     comm = C.init()
     n, dev = comm.size, comm.device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     rows = []
     for text in args.sizes.split(","):
@@ -57,13 +44,13 @@ def main() -> None:
         ref = x.double()
         dist.all_reduce(ref)
         z = x.clone()
-        t_native = _time(lambda: comm.all_reduce(z, algorithm="native"), args.iters, sync)
+        t_native = _time(comm, lambda: comm.all_reduce(z, algorithm="native"), args.iters)
         bw = lambda s: nbytes / s * 2 * (n - 1) / n / 1e9  # noqa: E731
         row = {"bytes": nbytes, "native_fp32_us": t_native * 1e6, "native_fp32_busbw": bw(t_native)}
         for algo in args.algos.split(",") + ["native"]:
             y = torch.empty_like(x)
-            t = _time(lambda: comm.all_reduce(y.copy_(x), algorithm=algo, compress="bf16"), args.iters, sync)
-            t_copy = _time(lambda: y.copy_(x), args.iters, sync)
+            t = _time(comm, lambda: comm.all_reduce(y.copy_(x), algorithm=algo, compress="bf16"), args.iters)
+            t_copy = _time(comm, lambda: y.copy_(x), args.iters)
             y.copy_(x)
             comm.all_reduce(y, algorithm=algo, compress="bf16")
             err = ((y.double() - ref).norm() / ref.norm()).item()

@@ -43,18 +43,12 @@ def parse_size(text: str) -> int:
 
 # -- on every rank -------------------------------------------------------------------
 
-def _slowest(comm, seconds: float) -> float:
-    import torch
-
-    t = torch.tensor([seconds], dtype=torch.float64)
-    comm.all_reduce(t, op="max", algorithm="native")
-    return float(t.item())
-
 
 def worker(sizes: list[int], algos: list[str], iters: int, out: Path) -> None:
     import torch
 
     import collectives as C
+    from benchmarks._timing import slowest
 
     torch.set_num_threads(1)
     comm = C.init(timeout=600)
@@ -70,7 +64,7 @@ def worker(sizes: list[int], algos: list[str], iters: int, out: Path) -> None:
                 comm.barrier()
                 t0 = time.perf_counter()
                 comm.all_reduce(x, algorithm=algo)
-                t = _slowest(comm, time.perf_counter() - t0)
+                t = slowest(comm, [time.perf_counter() - t0])[0]
                 wrong += int((x != want).sum().item())
                 if it:  # the first run warms up (connections, buffers, schedules)
                     times.append(t)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from benchmarks._launch import launched, spawn, write_json
+from benchmarks._timing import slowest
 import torch.nn.functional as F
 from torch import nn
 
@@ -138,12 +139,6 @@ def _sync(comm) -> None:
         torch.cuda.synchronize(comm.device)
 
 
-def _slowest(comm, value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=comm.device)
-    comm.all_reduce(t, op="max", algorithm="native")
-    return float(t.item())
-
-
 def time_steps(comm, step, params, x, y, iters: int) -> list[float]:
     """Seconds per step (the slowest rank's), ``iters`` times; gradients zeroed outside the clock."""
     out = []
@@ -155,7 +150,7 @@ def time_steps(comm, step, params, x, y, iters: int) -> list[float]:
         t0 = time.perf_counter()
         step(x, y)
         _sync(comm)
-        out.append(_slowest(comm, time.perf_counter() - t0))
+        out.append(slowest(comm, [time.perf_counter() - t0])[0])
     return out
 
 

@@ -19,6 +19,7 @@ rank, so all-reduce results are bitwise identical everywhere.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -188,20 +189,9 @@ class Executor:
             for swaits, _ in posted:
                 for w in swaits:
                     w.wait()
-        for g, (swaits, rwaits) in zip(groups, posted):
-            waited = set()
-            for i, dst, src, wire in g.combines:  # in listed order: the order the verifier proved
-                if i not in waited:
-                    rwaits[i].wait()
-                    waited.add(i)
-                red.combine(dst, src)  # type: ignore[union-attr]
-                if wire is not None:
-                    wire.copy_(dst)
-            for i, w in enumerate(rwaits):  # a gloo work must be waited exactly once
-                if i not in waited:
-                    w.wait()
-            for _, dst, src in g.copies:
-                dst.copy_(src)
+        for g, (_, rwaits) in zip(groups, posted):
+            pending = dict(enumerate(rwaits))  # a gloo work must be waited exactly once
+            _apply(g, red, lambda i: pending.pop(i).wait() if i in pending else None)
         if ordered:
             for swaits, _ in posted:
                 for w in swaits:
@@ -223,15 +213,25 @@ class Executor:
         for g, (_, rwaits) in zip(groups, posted):
             for w in rwaits:
                 w.wait()
-            for _, dst, src, wire in g.combines:
-                red.combine(dst, src)  # type: ignore[union-attr]
-                if wire is not None:
-                    wire.copy_(dst)
-            for _, dst, src in g.copies:
-                dst.copy_(src)
+            _apply(g, red, lambda i: None)
         for swaits, _ in posted:
             for w in swaits:
                 w.wait()
+
+
+def _apply(g: _Group, red: Reduction | None, ready: Callable[[int], None]) -> None:
+    """Apply a group's receives once they are in (``ready(i)``: receive i may be read): reductions in
+    listed order, the order the verifier proved, each refreshing its wire copy where it has one; then
+    every other receive; then the compressed overwrites."""
+    for i, dst, src, wire in g.combines:
+        ready(i)
+        red.combine(dst, src)  # type: ignore[union-attr]
+        if wire is not None:
+            wire.copy_(dst)
+    for i in range(len(g.recvs)):
+        ready(i)
+    for _, dst, src in g.copies:
+        dst.copy_(src)
 
 
 def finish_average(t: torch.Tensor, red: Reduction | None, size: int) -> None:

@@ -152,6 +152,17 @@ def sweep(comm, cases: list[tuple]) -> list[tuple[str, str | None]]:
     return out
 
 
+def wrong_error(name: str, exc: type[Exception], call) -> str | None:
+    """None when ``call()`` raises ``exc`` with ``name`` in its message; else what happened instead."""
+    try:
+        call()
+        return f"{name}: no error"
+    except exc as e:
+        return None if name in str(e) else f"{name}: message does not name it: {e}"
+    except Exception as e:  # noqa: BLE001
+        return f"{name}: raised {type(e).__name__} instead of {exc.__name__}: {e}"
+
+
 def bad_inputs(comm) -> list[str]:
     """Try each bad call; return a description of each one that did not fail as promised.
 
@@ -213,16 +224,7 @@ def bad_inputs(comm) -> list[str]:
     if n > 1:
         bad.append(("inp", ValueError, lambda: comm.all_to_all(torch.zeros(n + 1), torch.zeros(n + 1))))
         bad.append(("out", ValueError, lambda: comm.reduce_scatter(f[1:5], f)))  # out overlaps inp, not its block
-    problems = []
-    for name, exc, call in bad:
-        try:
-            call()
-            problems.append(f"{name}: no error")
-        except exc as e:
-            if name not in str(e):
-                problems.append(f"{name}: message does not name it: {e}")
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"{name}: raised {type(e).__name__} instead of {exc.__name__}: {e}")
+    problems = [p for name, exc, call in bad if (p := wrong_error(name, exc, call)) is not None]
     x = torch.ones(5)
     comm.all_reduce(x)
     if not torch.equal(x, torch.full((5,), float(n))):

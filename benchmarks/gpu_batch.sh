@@ -4,7 +4,7 @@
 #     OUT=/some/dir bash benchmarks/gpu_batch.sh [step...]     # default: every step, in the order below
 #
 # Steps on 2 GPUs run as two jobs side by side (GPUs 0,1 and 2,3):
-#   sweep2 (correctness sweep, eager then CUDA graphs; shutdown check) | dp2, busbw2, train2
+#   sweep2 (correctness sweep, eager then CUDA graphs; shutdown check), zero2 | dp2, busbw2, train2
 # (sweep2a: the sweep alone, before anything else starts).
 # Steps on 4 GPUs run one after another: busbw4, busbw4rs, compressed4, zero4, pipeline4, train4.
 # Logs and JSON land in $OUT; each step has its own time limit and a failed step does not stop the rest.
@@ -14,7 +14,7 @@ set -u
 : "${OUT:?set OUT to a directory for the logs and results}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=4
-wanted=" ${*:-sweep2 dp2 busbw2 train2 busbw4 busbw4rs compressed4 zero4 pipeline4 train4} "
+wanted=" ${*:-sweep2 zero2 dp2 busbw2 train2 busbw4 busbw4rs compressed4 zero4 pipeline4 train4} "
 mkdir -p "$OUT"
 BUSBW=(-m benchmarks.busbw --algo all -b 1K -e 1G -f 4 -n 5 -w 2)
 
@@ -56,6 +56,7 @@ fi
         step sweep2-graphs 100 0,1 29501 2 -- -m tests.gpu_sweep -v
         step shutdown2 60 0,1 29501 2 -- /tmp/topocomm_shutdown.py
     fi
+    want zero2 && step zero2 150 0,1 29501 2 -- -m benchmarks.zero_memory --json "$OUT/zero-nccl-2gpu.json"
 ) &
 (
     want dp2 && step dp2 120 2,3 29511 2 -- -m tests.dp_cases

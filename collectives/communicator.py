@@ -162,12 +162,18 @@ class Communicator:
 
     # -- planning ----------------------------------------------------------
 
-    def plan(self, op: str, nbytes: int, dtype: torch.dtype = torch.float32):
-        """The algorithm ``auto`` would run for ``op`` on ``nbytes``, with every alternative's predicted time."""
+    def plan(self, op: str, nbytes: int, dtype: torch.dtype = torch.float32, *, streamed: bool = False):
+        """The algorithm ``auto`` would run for ``op`` on ``nbytes``, with every alternative's predicted time.
+
+        ``streamed=True``: the pick for a stream of back-to-back asynchronous calls (gradient buckets),
+        where each call's fixed host costs overlap the previous call (CostModel.streamed_plan). Pass
+        the returned algorithm by name: every rank must make the same choice.
+        """
         coll = _collective(op)
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
             raise ValueError(f"nbytes: expected a non-negative int, got {nbytes!r}")
-        p = self.model.plan(coll.value, nbytes, dtype, candidates=self._candidates(coll))
+        how = self.model.streamed_plan if streamed else self.model.plan
+        p = how(coll.value, nbytes, dtype, candidates=self._candidates(coll))
         forced = self._overrides.get(coll)
         if forced is not None and forced != p.algorithm:
             p = dataclasses.replace(p, algorithm=forced, predicted_s=p.alternatives.get(forced, p.predicted_s),

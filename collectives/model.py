@@ -306,6 +306,39 @@ class CostModel:
             plan = self._plans[key] = self._exact_plan(op, nbytes, dtype, candidates, pick.algorithm)
         return plan
 
+    def streamed_plan(self, op: str | Collective, nbytes: int, dtype: Any = "float32",
+                      candidates: tuple[str, ...] | list[str] | None = None) -> Plan:
+        """The pick for one call of a stream of back-to-back asynchronous calls ([Note: streamed calls]).
+
+        On a device backend each alternative is priced by what it adds over its own zero-byte call;
+        on host backends this is plan().
+        """
+        if self.backend != "nccl" or self.topology.world_size < 2:
+            return self.plan(op, nbytes, dtype, candidates)
+        key = ("streamed", op, int(nbytes), dtype, tuple(candidates) if candidates else None)
+        plan = self._plans.get(key)
+        if plan is None:
+            coll = Collective(op)
+            names = tuple(candidates) if candidates else algorithms.supported(coll)
+            alts = {a: max(self.predict(coll, nbytes, a, dtype) - self.predict(coll, 0, a, dtype), 0.0)
+                    for a in names}
+            algo = min(alts, key=lambda a: (alts[a], a != NATIVE))
+            k = self.best_pipeline(coll, nbytes, algo, dtype)
+            plan = self._plans[key] = Plan(coll.value, int(nbytes), algo, alts[algo], alts, k,
+                                           "streamed: fixed per-call costs overlap the previous call",
+                                           _dtype_name(dtype))
+        return plan
+
+    # [Note: streamed calls]
+    # DataParallel and ZeRO issue their bucket reductions back to back, asynchronously, while the
+    # backward pass runs. On a GPU the host's cost of one call (the Python API, the launch of each
+    # step) then overlaps the device's work on the previous one, and what the stream of calls waits
+    # for is the device: the bytes. A prediction of one call alone (plan()) charges the fixed costs in
+    # full, and on 4 x H200 it ranked our two-step `direct` ahead of NCCL's all-reduce for 25 MiB
+    # buckets, which in training measured 3.59 ms of communication per step against 2.55 ms for
+    # native. streamed_plan() ranks by the size-dependent part instead. On CPU the same thread pays
+    # every cost, so nothing overlaps and it falls back to plan().
+
     def _exact_plan(self, op, nbytes: int, dtype, candidates, pick: str | None) -> Plan:
         coll = Collective(op)
         names = tuple(candidates) if candidates else algorithms.supported(coll)

@@ -38,6 +38,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 
+
+def streamed_algorithm(comm, op: str, t: torch.Tensor) -> str:
+    """The algorithm for one asynchronous bucket collective of ``op`` over ``t`` (its input): the cost
+    model's pick for back-to-back calls ([Note: streamed calls] in collectives/model.py), the same on
+    every rank."""
+    return comm.plan(op, t.numel() * t.element_size(), t.dtype, streamed=True).algorithm
+
 @dataclasses.dataclass(eq=False)
 class Bucket:
     """One flat buffer holding the gradients of ``params`` (same dtype and device) at ``offsets``.

@@ -128,18 +128,25 @@ class DataParallel(nn.Module):
         out = []
         for b in self._grads.buckets:
             dtype = self._reduce.wire_dtype(b.flat.dtype)
-            nbytes = b.flat.numel() * torch.empty((), dtype=dtype).element_size()
-            algo = self.algorithm if self.algorithm != "auto" else self.comm.plan("all_reduce", nbytes, dtype).algorithm
-            out.append({"bucket": b.index, "params": [self._names[i] for i in b.params], "bytes": nbytes,
-                        "dtype": str(dtype).replace("torch.", ""), "algorithm": algo})
+            out.append({"bucket": b.index, "params": [self._names[i] for i in b.params],
+                        "bytes": b.flat.numel() * dtype.itemsize, "dtype": str(dtype).replace("torch.", ""),
+                        "algorithm": self._algorithm(b)})
         return out
+
+    def _algorithm(self, bucket: Bucket) -> str:
+        """The bucket's all-reduce algorithm: the cost model's pick for a stream of asynchronous
+        bucket reductions ([Note: streamed calls] in collectives/model.py), the same on every rank."""
+        if self.algorithm != "auto":
+            return self.algorithm
+        dtype = self._reduce.wire_dtype(bucket.flat.dtype)
+        return self.comm.plan("all_reduce", bucket.flat.numel() * dtype.itemsize, dtype, streamed=True).algorithm
 
     # -- backward: launch per bucket, finish at the end ---------------------------
 
     def _launch(self, bucket: Bucket) -> None:
         if bucket is self._grads.buckets[-1]:
             self._write_defined_flags(bucket.tail)
-        self._waits.append(self._reduce.launch(self.comm, bucket, self.algorithm))
+        self._waits.append(self._reduce.launch(self.comm, bucket, self._algorithm(bucket)))
 
     def _write_defined_flags(self, tail: torch.Tensor) -> None:
         """1 per parameter whose ``.grad`` is defined here ([Note: unused parameters])."""

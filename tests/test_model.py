@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -228,11 +227,9 @@ def test_choice_is_argmin_and_cached():
         assert plan.algorithm == min(alts, key=alts.get)
         assert plan.predicted_s == pytest.approx(plan.alternatives[plan.algorithm])
     before = len(model._choices)
-    t0 = time.perf_counter()
-    for _ in range(1000):
+    for _ in range(10):
         model.choose("all_reduce", 1 << 30)
-    per_call = (time.perf_counter() - t0) / 1000
-    assert len(model._choices) == before and per_call < 50e-6
+    assert len(model._choices) == before
     assert model.choose("all_reduce", 1 << 30, candidates=["ring", "tree"]) in ("ring", "tree")
 
 
@@ -265,18 +262,27 @@ def test_nvlink_mesh_pairs_own_a_share_of_the_links():
     assert model.predict("all_gather", 1 << 30, "direct") < model.predict("all_gather", 1 << 30, "ring") / 2
 
 
-def test_pricing_1024_ranks_is_fast():
-    topo = Topology.preset("dgx-h100", 128)
-    M._STRUCTS.clear()
-    model = _model(topo)
+def test_pricing_1024_ranks_is_finite_and_grows_with_size():
+    # How long this takes is benchmarks/pricing.py's figure, not an assertion here.
+    model = _model(Topology.preset("dgx-h100", 128))
     sizes = 2.0 ** np.linspace(10, 36, 14)
-    t0 = time.perf_counter()
     table = {(coll.value, a): model.sweep(coll, sizes, a) for coll in C for a in algorithms.supported(coll)}
-    elapsed = time.perf_counter() - t0
-    print(f"\npriced {len(table)} (op, algorithm) pairs x 14 sizes on 128 x dgx-h100 (1,024 ranks) "
-          f"in {elapsed:.2f} s")
     assert all(np.all(np.isfinite(v) & (v > 0)) for v in table.values())
-    assert elapsed < 5.0
+    assert all(np.all(np.diff(v) >= 0) for v in table.values())
+
+
+def test_streamed_plan_ranks_by_the_size_dependent_part():
+    topo = Topology.preset("dgx-h100", 1)
+    model = _model(topo)
+    for nbytes in (64 << 10, 25 << 20):
+        plan = model.streamed_plan("all_reduce", nbytes)
+        for a, t in plan.alternatives.items():
+            full, empty = model.predict("all_reduce", nbytes, a), model.predict("all_reduce", 0, a)
+            assert t == pytest.approx(max(full - empty, 0.0))
+        assert plan.algorithm == min(plan.alternatives, key=plan.alternatives.get)
+    # Host backends pay every fixed cost on the same thread: the ordinary plan.
+    cpu = _model(Topology.local(4), "gloo")
+    assert cpu.streamed_plan("all_reduce", 1 << 20) == cpu.plan("all_reduce", 1 << 20)
 
 
 # -- calibration ----------------------------------------------------------------------------

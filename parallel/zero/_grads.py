@@ -21,6 +21,7 @@ import torch
 
 from collectives import Communicator, Handle
 
+from .._buckets import streamed_algorithm
 from ._api import Precision
 from ._flat import flatten_into, slot_views
 from ._units import Unit
@@ -60,7 +61,9 @@ class AllReducedGrads:
         if self._dirty:
             for u in self.units:
                 self._bind(u)
-            handles = [self.comm.all_reduce(u.grad_full, op="avg", async_op=True) for u in self.units]
+            handles = [self.comm.all_reduce(u.grad_full, op="avg", async_op=True,
+                                           algorithm=streamed_algorithm(self.comm, "all_reduce", u.grad_full))
+                       for u in self.units]
             for h in handles:
                 h.wait()
             self._dirty, self._reduced = False, True
@@ -121,7 +124,8 @@ class ReduceScatteredGrads:
         out = torch.empty(u.layout.shard, dtype=self.precision.reduce, device=self.comm.device)
         # The collective keeps the bucket alive until it is done (the CPU worker's closure; record_stream on
         # CUDA): holding it here too would keep every bucket, a whole model's gradients, until backward ends.
-        handle = self.comm.reduce_scatter(out, bucket, op="avg", async_op=True)
+        handle = self.comm.reduce_scatter(out, bucket, op="avg", async_op=True,
+                                           algorithm=streamed_algorithm(self.comm, "reduce_scatter", bucket))
         self._pending.append((u, out, handle, fresh))
         if fresh:
             u.grad_shard = out  # valid once the handle is waited for, in _finish

@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_leaves
 
 from collectives import Communicator, Handle
 
+from .._buckets import streamed_algorithm
 from ._api import Precision
 from ._flat import flatten_into, slot_views
 from ._units import Unit
@@ -76,7 +77,8 @@ class ReplicatedParams:
             block = u.full[u.shard_slice(self.comm.rank)]
             if self.precision.mixed:
                 block.copy_(u.master)
-            handles.append(self.comm.all_gather(u.full, block, async_op=True))
+            handles.append(self.comm.all_gather(u.full, block, async_op=True,
+                                                algorithm=streamed_algorithm(self.comm, "all_gather", u.full)))
         for h in handles:
             h.wait()
 
@@ -132,7 +134,8 @@ class ShardedParams:
         if self._state[i] is not _State.RESHARDED:
             return
         u.full.untyped_storage().resize_(u.full.numel() * u.full.element_size())
-        self._handles[i] = self.comm.all_gather(u.full, u.gather_src, async_op=True)
+        self._handles[i] = self.comm.all_gather(u.full, u.gather_src, async_op=True,
+                                                 algorithm=streamed_algorithm(self.comm, "all_gather", u.full))
         self._state[i] = _State.GATHERING
 
     def _wait(self, u: Unit) -> None:

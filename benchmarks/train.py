@@ -131,7 +131,7 @@ def make_runners(comm, module: nn.Module, a: argparse.Namespace) -> dict[str, Ru
                                  compress=compress)
 
     def ours_buckets() -> None:  # the path backward takes: DataParallel's bucket reduction (cast included)
-        finishes = [ours._reduce.launch(comm, b, a.algorithm) for b in ours._grads.buckets]
+        finishes = [ours._reduce.launch(comm, b, ours._algorithm(b)) for b in ours._grads.buckets]
         for finish in finishes:
             finish()
 

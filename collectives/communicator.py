@@ -32,7 +32,7 @@ import torch.distributed as dist
 from . import algorithms
 from .execute import CUDA_MAX_SEGMENT_BYTES, DEFAULT_MAX_SEGMENT_BYTES, Executor, run_collective
 from .graphs import GraphCache
-from .native import _all_gather, run_native
+from .native import _all_gather, run_native, start_native
 from .ops import Reduction
 from .schedule import Collective
 from .transport import TorchTransport
@@ -262,6 +262,16 @@ class Communicator:
         if out.numel() == 0:  # nothing moves; every rank has the same count
             return Handle(out) if async_op else out
 
+        if name == algorithms.NATIVE and async_op and self.backend == "nccl" and wire is None:
+            try:
+                work = start_native(coll, self.group, red, out.detach().view(-1),
+                                    inp.detach().view(-1) if inp is not None else None)
+            except RuntimeError as e:
+                raise RuntimeError(f"rank {self.rank}: native {coll.value} over {self.size} ranks failed: "
+                                   f"{e}") from e
+            if work is not None:
+                return Handle(out, waits=[work])
+
         def run() -> None:
             o, i = out.detach().view(-1), (inp.detach().view(-1) if inp is not None else None)
             if name == algorithms.NATIVE:
@@ -270,11 +280,26 @@ class Communicator:
                 sched = algorithms.build(name, coll, self.size, root, self._nodes, pipeline)
                 run_collective(self._executor, sched, red, o, i, wire)
 
+        direct = name == algorithms.NATIVE and wire is None  # [Note: the caller's stream]
         if self._graphs is not None and name != algorithms.NATIVE:
             key = (coll, name, pipeline, red, root, out.dtype, wire, out.data_ptr(), out.numel(),
                    inp.data_ptr() if inp is not None else 0, inp.numel() if inp is not None else 0)
-            run = self._graphs.wrap(key, nbytes, run)
+            eager, run = run, self._graphs.wrap(key, nbytes, run)
+            direct = run is not eager
+        if direct and not async_op and self._stream is not None:
+            run()
+            return out
         return self._dispatch(run, out, (out, inp), async_op)
+
+    # [Note: the caller's stream]
+    # Our schedules run eagerly on the Communicator's side stream (the executor overlaps a step's
+    # transfers with the reductions there), which costs two cross-stream waits and a stream switch per
+    # call: tens of microseconds from Python, the whole budget of a small message. Two kinds of
+    # blocking call need none of it, and go on the caller's stream instead: the replay of a captured
+    # graph (cudaGraphLaunch runs the whole instance on whatever stream it is given), and NCCL's own
+    # collective (NCCL's internal stream already waits for the caller's stream at launch, and a
+    # blocking call makes the caller's stream wait for it). Asynchronous calls keep the side stream,
+    # so that the caller's later work does not queue behind the collective.
 
     # -- point to point ------------------------------------------------------
 

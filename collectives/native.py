@@ -18,6 +18,24 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def start_native(coll: Collective, group: dist.ProcessGroup, red: Reduction | None, out: torch.Tensor,
+                 inp: torch.Tensor | None) -> dist.Work | None:
+    """Launch NCCL's own all-reduce, reduce-scatter or all-gather asynchronously on its stream and return
+    its Work (``wait()`` makes the caller's stream wait for it), or None where run_native must do it.
+
+    This is how DDP and FSDP issue their bucket collectives, and it skips the Communicator's side
+    stream: for back-to-back bucket calls that side stream's two cross-stream waits per call cost
+    more than they order (NCCL's stream already waits for the caller's stream at launch).
+    """
+    if coll is Collective.ALL_REDUCE:
+        return dist.all_reduce(out, op=red.torch_op, group=group, async_op=True)
+    if coll is Collective.REDUCE_SCATTER:
+        return _reduce_scatter(out, inp, op=red.torch_op, group=group, async_op=True)
+    if coll is Collective.ALL_GATHER:
+        return _all_gather(out, inp, group=group, async_op=True)
+    return None
+
+
 def _torch_op(red: Reduction, backend: str) -> tuple[dist.ReduceOp, bool]:
     """The ReduceOp to pass, and whether we must divide by the world size afterwards."""
     if red is Reduction.AVG and backend != "nccl":

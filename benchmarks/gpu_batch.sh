@@ -4,9 +4,9 @@
 #     OUT=/some/dir bash benchmarks/gpu_batch.sh [step...]     # default: every step, in the order below
 #
 # Steps on 2 GPUs run as two jobs side by side (GPUs 0,1 and 2,3):
-#   sweep2 (correctness sweep, eager then CUDA graphs; shutdown check), zero2 | dp2, busbw2, train2
+#   sweep2 (correctness sweep, eager then CUDA graphs; shutdown check), zero2 | dp2, busbw2all (every op), busbw2, train2
 # (sweep2a: the sweep alone, before anything else starts).
-# Steps on 4 GPUs run one after another: busbw4, busbw4rs, compressed4, zero4, pipeline4, train4.
+# Steps on 4 GPUs run one after another: busbw4all (every op), busbw4, busbw4rs, compressed4, zero4, pipeline4, train4.
 # Logs and JSON land in $OUT; each step has its own time limit and a failed step does not stop the rest.
 # One 10-minute device slot does not hold them all: pass a few steps per slot. PACK=1 leaves one
 # $OUT/results.tgz (plus steps.txt) instead of the loose files, for runners that return few files.
@@ -14,7 +14,7 @@ set -u
 : "${OUT:?set OUT to a directory for the logs and results}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=4
-wanted=" ${*:-sweep2 zero2 dp2 busbw2 train2 busbw4 busbw4rs compressed4 zero4 pipeline4 train4} "
+wanted=" ${*:-sweep2 zero2 dp2 busbw2all busbw2 train2 busbw4all busbw4 busbw4rs compressed4 zero4 pipeline4 train4} "
 mkdir -p "$OUT"
 BUSBW=(-m benchmarks.busbw --algo all -b 1K -e 1G -f 4 -n 5 -w 2)
 
@@ -60,12 +60,16 @@ fi
 ) &
 (
     want dp2 && step dp2 120 2,3 29511 2 -- -m tests.dp_cases
+    want busbw2all && step busbw2all 300 2,3 29511 2 -- "${BUSBW[@]}" \
+        --op all_reduce,reduce_scatter,all_gather,broadcast,reduce,all_to_all --json "$OUT/nccl-2gpu-busbw-all.json"
     want busbw2 && step busbw2 240 2,3 29511 2 -- "${BUSBW[@]}" --op "${BUSBW2_OPS:-broadcast,reduce,all_to_all}" \
         --json "$OUT/nccl-h200x2-busbw-rooted.json"
     want train2 && step train2 120 2,3 29511 2 -- -m benchmarks.train --json "$OUT/train-nccl-2gpu.json"
 ) &
 wait
 
+want busbw4all && step busbw4all 300 0,1,2,3 29521 4 -- "${BUSBW[@]}" \
+    --op all_reduce,reduce_scatter,all_gather,broadcast,reduce,all_to_all --json "$OUT/nccl-4gpu-busbw-all.json"
 want busbw4 && step busbw4 220 0,1,2,3 29521 4 -- "${BUSBW[@]}" --op all_reduce --json "$OUT/nccl-4gpu-busbw-ar.json"
 want busbw4rs && step busbw4rs 120 0,1,2,3 29521 4 -- "${BUSBW[@]}" --op reduce_scatter,all_gather \
     --json "$OUT/nccl-4gpu-busbw-rs-ag.json"

@@ -18,10 +18,13 @@ from .schedule import Collective
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+_DIRECT = (Collective.ALL_REDUCE, Collective.REDUCE_SCATTER, Collective.ALL_GATHER, Collective.BROADCAST)
+
+
 def _launch(coll: Collective, group: dist.ProcessGroup, op: dist.ReduceOp | None, out: torch.Tensor,
             inp: torch.Tensor | None, root: int | None, blocking: bool) -> dist.Work | None:
-    """Start the backend's collective through the ProcessGroup itself ([Note: straight to the group]);
-    None for the collectives this does not cover."""
+    """Start the backend's collective (one of _DIRECT) through the ProcessGroup itself ([Note: straight
+    to the group]). Its Work, or None from a blocking call the backend already completed in order."""
     if coll is Collective.ALL_REDUCE:
         opts = dist.AllreduceOptions()
         opts.reduceOp = op
@@ -34,7 +37,7 @@ def _launch(coll: Collective, group: dist.ProcessGroup, op: dist.ReduceOp | None
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = root, 0
     else:
-        return None
+        raise AssertionError(coll)
     opts.asyncOp = not blocking  # blocking: NCCL may run it on the caller's stream
     if coll is Collective.ALL_REDUCE:
         return group.allreduce([out], opts)
@@ -84,9 +87,10 @@ def run_native(coll: Collective, group: dist.ProcessGroup, backend: str, red: Re
         return
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     op, divide = _torch_op(red, backend) if red is not None else (None, False)
-    work = _launch(coll, group, op, out, inp, root, blocking=True)
-    if work is not None:
-        work.wait()
+    if coll in _DIRECT:
+        work = _launch(coll, group, op, out, inp, root, blocking=True)
+        if work is not None:  # None: a blocking NCCL call that ran on the caller's stream
+            work.wait()
         if divide and (coll is Collective.ALL_REDUCE or coll is Collective.REDUCE_SCATTER):
             finish_average(out, red, size)
         return

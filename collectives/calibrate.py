@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from .model import THETA, CostModel, Params, _theta, coefficients, default_params, evaluate, native_structs
+from .model import (_WORLD_FIELDS, THETA, CostModel, Params, _theta, coefficients, default_params, evaluate,
+                    native_structs)
 from .schedule import Collective
 from .topology import Topology, from_reports, usable_cpus
 
@@ -128,6 +129,21 @@ def fit(rows: list[dict[str, Any]], topo: Topology, backend: str, base: Params |
     return fit_sweeps([(topo, rows)], backend, base, min_bytes)
 
 
+def fit_per_world(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str,
+                  min_bytes: int = _MIN_BYTES) -> tuple[Params, dict[str, Any]]:
+    """Fits each world size's sweeps on their own ([Note: per-world profiles] in model.py): the largest
+    world's fit is the base, the others go into ``worlds``; native lines are kept per world size."""
+    by_world: dict[int, list[tuple[Topology, list[dict[str, Any]]]]] = {}
+    for topo, rows in sweeps:
+        by_world.setdefault(topo.world_size, []).append((topo, rows))
+    fits = {ws: fit_sweeps(group, backend, min_bytes=min_bytes)[0] for ws, group in by_world.items()}
+    top = max(fits)
+    native = {k: v for p in fits.values() for k, v in p.native.items()}
+    worlds = {str(ws): {k: getattr(p, k) for k in _WORLD_FIELDS} for ws, p in fits.items() if ws != top}
+    params = replace(fits[top], native=native, worlds=worlds)
+    return params, _summary(sweeps, backend, params, min_bytes)
+
+
 def fit_sweeps(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, base: Params | None = None,
                min_bytes: int = _MIN_BYTES) -> tuple[Params, dict[str, Any]]:
     """Fits one Params to several sweeps, each measured on its topology (see the module note)."""
@@ -149,6 +165,12 @@ def fit_sweeps(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
         params = _fit_theta([(topo, rows) for topo, rows in ours if rows], backend, params)
     if backend != "nccl":
         params = _fit_native_step(sweeps[0][1], sweeps[0][0], backend, params, min_bytes)
+    return params, _summary(sweeps, backend, params, min_bytes)
+
+
+def _summary(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, params: Params,
+             min_bytes: int) -> dict[str, Any]:
+    """Per-row predicted / measured of ``params`` on the sweeps, and how often the pick was right."""
     ratios: dict[str, float] = {}
     picks: list[float] = []
     for topo, rows in sweeps:
@@ -162,7 +184,7 @@ def fit_sweeps(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
     summary = {"rows": len(ratios), "ratio_min": float(vals.min()), "ratio_max": float(vals.max()),
                "within_25pct": float(np.mean(np.abs(vals - 1) <= 0.25)),
                "pick_within_5pct": float(np.mean(picks)) if picks else 1.0, "ratios": ratios}
-    return params, summary
+    return summary
 
 
 def pick_quality(model: CostModel, rows: list[dict[str, Any]], min_bytes: int = _MIN_BYTES) -> float:
@@ -408,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--topology", default=None,
                    help="topology JSON of the measured machine (python -m collectives topology --save), "
                         "for sweeps whose header does not carry one; a sweep over fewer ranks gets its first ranks")
+    f.add_argument("--per-world", action="store_true",
+                   help="fit each world size's sweeps on their own (one profile; see [Note: per-world profiles])")
     a = ap.parse_args(argv)
     if a.cmd == "measure":
         if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
@@ -424,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = [load_rows(path) for path in a.rows]
     backend = a.backend or loaded[0][0].get("backend", "gloo")
     sweeps = [(_sweep_topology(header, a.topology), rows) for header, rows in loaded]
-    params, summary = fit_sweeps(sweeps, backend)
+    params, summary = (fit_per_world if a.per_world else fit_sweeps)(sweeps, backend)
     meta = {k: v for k, v in summary.items() if k != "ratios"}
     headers = [{k: v for k, v in header.items() if k != "topology"} for header, _ in loaded]
     meta.update(header=headers[0] if len(headers) == 1 else headers, topology=sweeps[-1][0].to_json(),

@@ -90,6 +90,8 @@ class Params:
     oversubscribed_step: float = 1e-3  # s more per step when a host's busy ranks outnumber its cores
     nodes: int = 1            # nodes of the run it was calibrated on: one node measures no inter-node link
     native: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # world -> op -> [alpha, s/byte]
+    # world -> fields fitted on that many ranks of the same machine ([Note: per-world profiles])
+    worlds: dict[str, dict[str, float]] = field(default_factory=dict)
     source: str = "defaults"
 
     def to_json(self) -> dict[str, Any]:
@@ -131,6 +133,24 @@ def default_params(topo: Topology, backend: str) -> Params:
                   reduce_bandwidth=topo.device_spec(0).memory_bandwidth,
                   native_step=_NATIVE_STEP.get(backend, 10e-6), call_overhead=_CALL.get(backend, 50e-6),
                   nodes=topo.num_nodes)
+
+
+# [Note: per-world profiles]
+# How fast one device moves bytes to a peer depends on how many peers it serves at once: on H200
+# NVSwitch one NCCL p2p stream between two GPUs measured about 310 GB/s, and each of three at once
+# about 195 GB/s; our executor's per-step cost differs as well. One set of fields fitted across
+# world sizes fits neither (calibrate fit, joint fit: 2-GPU rows within 25% rose to 72%, 4-GPU rows
+# fell to 63%). A profile therefore may carry fields fitted on other world sizes of the same
+# machine, which replace the base fields for a communicator of that size; a world size without
+# its own keeps the base (the largest measured).
+_WORLD_FIELDS = ("call_overhead", "step_overhead", "intra_alpha", "inter_alpha", "intra_bandwidth",
+                 "inter_bandwidth", "pair_bandwidth", "reduce_bandwidth", "oversubscribed_step", "native_step")
+
+
+def for_world(p: Params, world_size: int) -> Params:
+    """``p`` with the fields fitted on ``world_size`` ranks, where it has them."""
+    over = p.worlds.get(str(world_size))
+    return replace(p, **{k: v for k, v in over.items() if k in _WORLD_FIELDS}) if over else p
 
 
 def for_topology(p: Params, topo: Topology) -> Params:
@@ -215,7 +235,8 @@ class CostModel:
             profile = for_topology(profile, topology) if profile is not None else None
         elif not isinstance(profile, Params):
             profile = calibrate.load_profile(profile)
-        self.params: Params = profile if profile is not None else default_params(topology, backend)
+        params = profile if profile is not None else default_params(topology, backend)
+        self.params: Params = for_world(params, topology.world_size)
         self._lay = _Layout.of(topology)
         self._nodes = tuple(map(tuple, topology.nodes))
         self._choices: dict[tuple, Plan] = {}

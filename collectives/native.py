@@ -58,14 +58,18 @@ def _launch(coll: Collective, group: dist.ProcessGroup, op: dist.ReduceOp | None
 
 def start_native(coll: Collective, group: dist.ProcessGroup, red: Reduction | None, out: torch.Tensor,
                  inp: torch.Tensor | None) -> dist.Work | None:
-    """Launch NCCL's own all-reduce, reduce-scatter or all-gather asynchronously on its stream and return
-    its Work (``wait()`` makes the caller's stream wait for it), or None where run_native must do it.
+    """Launch NCCL's own in-place all-reduce asynchronously on its stream and return its Work (``wait()``
+    makes the caller's stream wait for it), or None where the Communicator's side stream must run it.
 
-    This is how DDP and FSDP issue their bucket collectives, and it skips the Communicator's side
-    stream: for back-to-back bucket calls that side stream's two cross-stream waits per call cost
-    more than they order (NCCL's stream already waits for the caller's stream at launch).
+    This is how DDP issues its bucket all-reduces, and it skips the side stream: for back-to-back
+    bucket calls that stream's two cross-stream waits per call cost more than they order (NCCL's
+    stream already waits for the caller's stream at launch). Only in place: the Work holds its
+    tensors until it is waited for, which for a persistent bucket costs nothing, but would keep
+    ZeRO's transient reduce-scatter inputs and gathered units alive for a whole backward (measured:
+    peak memory 1.4-1.6x the model states on 4 GPUs, against 1.04-1.10x through the side stream,
+    whose record_stream frees them as soon as the stream is done).
     """
-    if coll not in (Collective.ALL_REDUCE, Collective.REDUCE_SCATTER, Collective.ALL_GATHER):
+    if coll is not Collective.ALL_REDUCE or inp is not None:
         return None
     return _launch(coll, group, red.torch_op if red is not None else None, out, inp, None, blocking=False)
 

@@ -334,6 +334,38 @@ def test_fit_of_two_world_sizes_shares_theta_and_keeps_a_native_line_each():
     assert any(k.startswith("2r/") for k in summary["ratios"]) and any(k.startswith("4r/") for k in summary["ratios"])
 
 
+def test_per_world_fit_keeps_each_world_sizes_own_fields(tmp_path):
+    """Two world sizes whose pairs move bytes at different rates: a fit per world size recovers both,
+    and a model for each size prices with its own fields ([Note: per-world profiles])."""
+    base = dict(intra_alpha=0.0, intra_bandwidth=2e9, inter_alpha=0.0, inter_bandwidth=1e9,
+                reduce_bandwidth=3e9, native_step=0.0, call_overhead=0.3e-3, oversubscribed_step=0.0)
+    truth = {2: M.Params(pair_bandwidth=1.6e9, step_overhead=0.5e-3, **base),
+             4: M.Params(pair_bandwidth=0.8e9, step_overhead=1.5e-3, **base)}
+    sizes = (1 << 18, 1 << 20, 1 << 22, 1 << 24)
+    sweeps = []
+    for n in (2, 4):
+        topo = Topology.local(n, cpus=0)
+        model = M.CostModel(topo, "nccl", profile=truth[n])
+        rows = [{"op": op, "algorithm": a, "bytes": s, "time_us": model.predict(op, s, a) * 1e6}
+                for op in ("all_reduce", "reduce_scatter") for a in ("ring", "direct") for s in sizes]
+        sweeps.append((topo, rows))
+    joint, joint_summary = calibrate.fit_sweeps(sweeps, "nccl")
+    params, summary = calibrate.fit_per_world(sweeps, "nccl")
+    assert joint_summary["within_25pct"] < 1.0  # one set of fields cannot fit both
+    assert max(abs(r - 1) for r in summary["ratios"].values()) < 0.02
+    assert params.worlds["2"]["step_overhead"] < params.step_overhead  # 2 ranks: cheaper steps, as measured
+    path = tmp_path / "p.json"
+    calibrate.save_profile(path, params, calibrate.hardware_key(sweeps[1][0], "nccl"), {})
+    for n in (2, 4):  # a model of either size, from the saved profile, prices as that size's truth
+        topo = Topology.local(n, cpus=0)
+        fitted, real = M.CostModel(topo, "nccl", profile=str(path)), M.CostModel(topo, "nccl", profile=truth[n])
+        for s in sizes:
+            assert fitted.predict("all_reduce", s, "ring") == pytest.approx(real.predict("all_reduce", s, "ring"),
+                                                                            rel=0.02)
+    # A world size measured by neither keeps the base (the largest measured).
+    assert M.CostModel(Topology.local(3, cpus=0), "nccl", profile=params).params.step_overhead == params.step_overhead
+
+
 def test_profile_lookup(tmp_path, monkeypatch):
     topo = Topology.local(4)
     params = M.default_params(topo, "gloo")

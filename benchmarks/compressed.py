@@ -66,6 +66,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"world_size": n, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                        "rows": rows}, f, indent=1)
+    C.shutdown()
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ def zero(module: nn.Module, optimizer_class: type[torch.optim.Optimizer], stage:
     if stage == 3:
         params.on_order = lambda order: setattr(grads, "order", order)
         grads.on_launched = params.reshard
+        params.on_pre_backward = grads.prepare
     params.install(module)
     grads.install()
     with torch.no_grad():

@@ -97,6 +97,7 @@ class ReduceScatteredGrads:
         self._next = 0  # position in ``order`` of the next unit to launch
         self._pending: list[tuple[Unit, torch.Tensor, Handle, bool]] = []
         self._in_backward = False
+        self._buckets: dict[int, torch.Tensor] = {}  # unit index -> its prepared gradient bucket
 
     def install(self) -> None:
         for u in self.units:
@@ -115,9 +116,34 @@ class ReduceScatteredGrads:
                 self._next += 1
 
     @torch.no_grad()
+    def prepare(self, u: Unit) -> None:
+        """Before ``u``'s backward (stage 3): its parameters' gradients become views of one zeroed flat
+        bucket, so autograd accumulates straight into what is reduce-scattered ([Note: gradient
+        buckets in place])."""
+        if u.index in self._buckets or any(p.grad is not None for p in u.params):
+            return
+        if any(p.dtype != self.precision.reduce for p in u.params):
+            return
+        bucket = torch.zeros(u.layout.padded, dtype=self.precision.reduce, device=self.comm.device)
+        for p, view in zip(u.params, slot_views(bucket, u.layout)):
+            p.grad = view
+        self._buckets[u.index] = bucket
+
+    # [Note: gradient buckets in place]
+    # Without prepare(), autograd allocates each parameter's gradient and _launch copies them into a
+    # new flat bucket: for a moment the unit's gradients exist twice. On 4 x H200 (24 units of 39
+    # MiB) stage 3's peak was 1.103x the model-state formula. With the gradients as views of the
+    # bucket from the start, nothing is copied and the bucket is the only copy. A bucket whose
+    # views were replaced (a hook assigning .grad) falls back to the copy in _launch.
+
+    @torch.no_grad()
     def _launch(self, u: Unit) -> None:
-        bucket = torch.empty(u.layout.padded, dtype=self.precision.reduce, device=self.comm.device)
-        flatten_into(bucket, u.layout, [p.grad for p in u.params])
+        bucket = self._buckets.pop(u.index, None)
+        views = slot_views(bucket, u.layout) if bucket is not None else None
+        if views is None or any(p.grad is not v for p, v in zip(u.params, views)):
+            grads = [p.grad for p in u.params]
+            bucket = torch.empty(u.layout.padded, dtype=self.precision.reduce, device=self.comm.device)
+            flatten_into(bucket, u.layout, grads)
         for p in u.params:
             p.grad = None
         fresh = u.grad_shard is None

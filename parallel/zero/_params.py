@@ -126,6 +126,7 @@ class ShardedParams:
         self._in_backward = False
         self._root: nn.Module | None = None
         self.on_order: Callable[[list[int]], None] | None = None
+        self.on_pre_backward: Callable[[Unit], None] | None = None
 
     # -- gather and free -----------------------------------------------------
 
@@ -202,6 +203,8 @@ class ShardedParams:
             self._in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
         self.unshard(u)
+        if self.on_pre_backward is not None:
+            self.on_pre_backward(u)
         self._prefetch(self._post_order[::-1], u)
 
     def _after_backward(self) -> None:

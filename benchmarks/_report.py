@@ -133,10 +133,10 @@ class Table:
         names = list(blocks)
         mode = "in-place" if op.natural_in_place and op.has_in_place else "out-of-place"
         self.print(f"# Summary {op.name}: time (us), {mode}, {AGGREGATES[self.s.aggregate]}; "
-                   "speed = best time / auto time")
+                   "speed = best time / auto time; pick = best time / the picked algorithm's own column")
         w = max(10, *(len(a) + 1 for a in names))
         v = max(9, *(len(a) for a in names))
-        self.print("#       size" + "".join(f"{a:>{w}s}" for a in names) + f"  {'fastest':>{v}s}  {'auto pick':>{v}s}  speed")
+        self.print("#       size" + "".join(f"{a:>{w}s}" for a in names) + f"  {'fastest':>{v}s}  {'auto pick':>{v}s}  speed   pick")
         for i, size in enumerate(r.layout.size for r in blocks[names[0]]):
             times = {a: natural_time(op, res[i]) for a, res in blocks.items()}
             measured = {a: t for a, t in times.items() if a != AUTO}
@@ -144,8 +144,9 @@ class Table:
             auto = blocks.get(AUTO)
             pick = (auto[i].chosen or "-") if auto else "-"
             speed = f"{measured[best] / times[AUTO]:.2f}" if auto and measured and times[AUTO] > 0 else "-"
+            own = f"{measured[best] / measured[pick]:.2f}" if measured.get(pick, 0) > 0 else "-"
             self.print(f"{size:12d}" + "".join(f"{fmt_time(t):>{w}s}" for t in times.values())
-                       + f"  {best:>{v}s}  {pick:>{v}s}  {speed:>5s}")
+                       + f"  {best:>{v}s}  {pick:>{v}s}  {speed:>5s}  {own:>5s}")
         self.print("#")
 
 

@@ -170,7 +170,8 @@ def equivalence(comm, steps: int = 3) -> list[tuple[tuple, float, int]]:
         model, opt = P.zero(make_model(kind), cls, stage=stage, comm=comm, **extra, **kwargs)
         train(comm, model, opt, steps, micro=micro)
         got = P.full_state_dict(model)
-        out.append((cfg, max_error(got, reference(kind, optim, steps)), len(model._zero.units)))
+        copied = getattr(model._zero.grads, "copied", 0)  # stage 3: units whose gradients were copied
+        out.append((cfg, max_error(got, reference(kind, optim, steps)), len(model._zero.units), copied))
     return out
 
 

@@ -97,7 +97,8 @@ class ReduceScatteredGrads:
         self._next = 0  # position in ``order`` of the next unit to launch
         self._pending: list[tuple[Unit, torch.Tensor, Handle, bool]] = []
         self._in_backward = False
-        self._buckets: dict[int, torch.Tensor] = {}  # unit index -> its prepared gradient bucket
+        self.copied = 0  # units whose gradients _launch had to copy into a bucket
+        self._buckets: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # unit -> prepared bucket, views
 
     def install(self) -> None:
         for u in self.units:
@@ -125,9 +126,10 @@ class ReduceScatteredGrads:
         if any(p.dtype != self.precision.reduce for p in u.params):
             return
         bucket = torch.zeros(u.layout.padded, dtype=self.precision.reduce, device=self.comm.device)
-        for p, view in zip(u.params, slot_views(bucket, u.layout)):
+        views = slot_views(bucket, u.layout)
+        for p, view in zip(u.params, views):
             p.grad = view
-        self._buckets[u.index] = bucket
+        self._buckets[u.index] = (bucket, views)
 
     # [Note: gradient buckets in place]
     # Without prepare(), autograd allocates each parameter's gradient and _launch copies them into a
@@ -138,12 +140,13 @@ class ReduceScatteredGrads:
 
     @torch.no_grad()
     def _launch(self, u: Unit) -> None:
-        bucket = self._buckets.pop(u.index, None)
-        views = slot_views(bucket, u.layout) if bucket is not None else None
-        if views is None or any(p.grad is not v for p, v in zip(u.params, views)):
+        bucket, views = self._buckets.pop(u.index, (None, None))
+        if views is None or any(p.grad is None or p.grad.data_ptr() != v.data_ptr()
+                                for p, v in zip(u.params, views)):
             grads = [p.grad for p in u.params]
             bucket = torch.empty(u.layout.padded, dtype=self.precision.reduce, device=self.comm.device)
             flatten_into(bucket, u.layout, grads)
+            self.copied += 1
         for p in u.params:
             p.grad = None
         fresh = u.grad_shard is None

@@ -279,7 +279,9 @@ def test_streamed_plan_ranks_by_the_size_dependent_part():
         for a, t in plan.alternatives.items():
             full, empty = model.predict("all_reduce", nbytes, a), model.predict("all_reduce", 0, a)
             assert t == pytest.approx(max(full - empty, 0.0))
-        assert plan.algorithm == min(plan.alternatives, key=plan.alternatives.get)
+        best = min(plan.alternatives, key=plan.alternatives.get)
+        near = plan.alternatives["native"] <= M._STREAMED_NATIVE_MARGIN * plan.alternatives[best]
+        assert plan.algorithm == ("native" if near else best)
     # Host backends pay every fixed cost on the same thread: the ordinary plan.
     cpu = _model(Topology.local(4), "gloo")
     assert cpu.streamed_plan("all_reduce", 1 << 20) == cpu.plan("all_reduce", 1 << 20)

@@ -157,7 +157,12 @@ def fit_sweeps(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
             if len(pts) >= 2:
                 S, t = np.array(pts, float).T
                 A = np.column_stack([np.ones_like(S), S]) / t[:, None]
-                ws[op] = [float(v) for v in nnls(A, np.ones_like(t))]
+                line = [float(v) for v in nnls(A, np.ones_like(t))]
+                sizes = sorted(set(S.tolist()))
+                table = [[s, float(np.median(t[S == s]))] for s in sizes]  # model._measured_native
+                # A device backend's times repeat to a few percent; on a time-shared CPU a table
+                # would keep one run's noise, so host backends keep the line.
+                ws[op] = line + [table] if backend == "nccl" else line
     params = replace(base, native=native, source="calibrated")
     ours = [(topo, [r for r in rows if r["algorithm"] != "native" and r["bytes"] >= min_bytes])
             for topo, rows in sweeps]

@@ -221,6 +221,21 @@ def _bucket_size(key: tuple[int, int]) -> int:
     return (2 ** (b - 1)) if b < 3 else int((4 + sub + 0.5) * 2 ** (b - 3))
 
 
+def _measured_native(fit: list, S: np.ndarray) -> np.ndarray:
+    """A calibrated native collective: [alpha, seconds per byte] and, optionally, the measured (bytes,
+    seconds) points it was fitted to. Between the first and last point the time is interpolated on
+    log-log axes (NCCL switches protocol and algorithm with size, which no one line follows);
+    elsewhere the line."""
+    t = fit[0] + fit[1] * S
+    if len(fit) > 2 and len(fit[2]) >= 2:
+        pts = np.asarray(fit[2], dtype=float)
+        inside = (S >= pts[0, 0]) & (S <= pts[-1, 0])
+        if inside.any():
+            t = np.where(inside, np.exp(np.interp(np.log(np.maximum(S, 1.0)), np.log(pts[:, 0]),
+                                                   np.log(pts[:, 1]))), t)
+    return t
+
+
 class CostModel:
     """Predicts collective times on a Topology for a backend and chooses the algorithm.
 
@@ -273,7 +288,7 @@ class CostModel:
     def _native(self, coll: Collective, S: np.ndarray, dtype: Any) -> list[tuple[str, np.ndarray]]:
         fit = self.params.native.get(str(self.topology.world_size), {}).get(coll.value)
         if fit:
-            return [("measured", fit[0] + fit[1] * S)]
+            return [("measured", _measured_native(fit, S))]
         if self.backend == "nccl":
             call = self.params.call_overhead
             return [(lab, call + lat + S / bw) for lab, lat, bw, _ in nccl_options(self.topology, coll)]

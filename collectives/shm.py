@@ -433,24 +433,34 @@ class ShmTransport:
                 moved = True
         return moved
 
+    def _refill(self, ch: _Channel, owed: int, what: str) -> int:
+        """Out of slots (a sender's credits, a receiver's data): ring the ``owed`` doorbells, then take
+        what the peer has rung. 1: slots came; 0: none yet; -1: the channel failed or a doorbell could
+        not be rung (the caller stops and reports progress)."""
+        if owed and not self._ring(ch, owed):
+            return -1
+        try:
+            got = os.read(ch.read_fd, MAX_SLOTS)
+        except BlockingIOError:
+            return 0
+        if not got:
+            self._fail(ch, self._closed_error(ch, f"reading {what}: end of file"))
+            return -1
+        ch.avail += len(got)
+        return 1
+
     def _push(self, ch: _Channel) -> bool:
         q, slots, hdr, size = ch.queue, ch.slots, ch.hdr, ch.slot_bytes
         moved = False
         bells = 0
         while q:
             if not ch.avail:
-                if bells:
-                    if not self._ring(ch, bells):
-                        return True
-                    bells = 0
-                try:
-                    got = os.read(ch.read_fd, MAX_SLOTS)
-                except BlockingIOError:
-                    break
-                if not got:
-                    self._fail(ch, self._closed_error(ch, "reading credits: end of file"))
+                got = self._refill(ch, bells, "credits")
+                bells = 0
+                if got < 0:
                     return True
-                ch.avail += len(got)
+                if not got:
+                    break
             op = q[0]
             i, off = ch.index, op.off
             n = op.nbytes - off
@@ -482,18 +492,12 @@ class ShmTransport:
         credits = 0
         while q:
             if not ch.avail:
-                if credits:
-                    if not self._ring(ch, credits):
-                        return True
-                    credits = 0
-                try:
-                    got = os.read(ch.read_fd, MAX_SLOTS)
-                except BlockingIOError:
-                    break
-                if not got:
-                    self._fail(ch, self._closed_error(ch, "reading data: end of file"))
+                got = self._refill(ch, credits, "data")
+                credits = 0
+                if got < 0:
                     return True
-                ch.avail += len(got)
+                if not got:
+                    break
             op = q[0]
             i, off = ch.index, op.off
             if off == 0:

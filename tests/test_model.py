@@ -331,7 +331,7 @@ def test_fit_of_two_world_sizes_shares_theta_and_keeps_a_native_line_each():
     assert max(abs(r - 1) for r in summary["ratios"].values()) < 0.02  # every row of both sweeps, one theta
     assert params.pair_bandwidth == pytest.approx(truth.pair_bandwidth, rel=0.02)
     for n, (alpha, beta) in native.items():
-        assert params.native[str(n)]["all_reduce"] == pytest.approx([alpha, beta], rel=1e-3)
+        assert params.native[str(n)]["all_reduce"][:2] == pytest.approx([alpha, beta], rel=1e-3)
     assert summary["within_25pct"] == 1.0 and summary["rows"] == 2 * (16 + 4)
     assert any(k.startswith("2r/") for k in summary["ratios"]) and any(k.startswith("4r/") for k in summary["ratios"])
 
@@ -366,6 +366,17 @@ def test_per_world_fit_keeps_each_world_sizes_own_fields(tmp_path):
                                                                             rel=0.02)
     # A world size measured by neither keeps the base (the largest measured).
     assert M.CostModel(Topology.local(3, cpus=0), "nccl", profile=params).params.step_overhead == params.step_overhead
+
+
+def test_measured_native_follows_its_points_and_the_line_outside():
+    # two protocols: flat 20 us up to 1 MiB, then 5 us + 1 ns/byte; one line cannot follow both
+    pts = [[1 << 16, 20e-6], [1 << 20, 20e-6], [1 << 24, 5e-6 + 1e-9 * (1 << 24)]]
+    fit = [10e-6, 1e-9, pts]
+    S = np.array([1 << 10, 1 << 16, 1 << 18, 1 << 20, 1 << 24, 1 << 28], dtype=float)
+    t = M._measured_native(fit, S)
+    assert t[1] == pytest.approx(20e-6) and t[2] == pytest.approx(20e-6) and t[4] == pytest.approx(pts[2][1])
+    assert t[0] == pytest.approx(10e-6 + 1e-9 * S[0]) and t[5] == pytest.approx(10e-6 + 1e-9 * S[5])
+    assert np.all(M._measured_native(fit[:2], S) == 10e-6 + 1e-9 * S)  # a line alone (older profiles)
 
 
 def test_profile_lookup(tmp_path, monkeypatch):

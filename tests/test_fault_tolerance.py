@@ -70,18 +70,25 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: all held at once while they are chosen, so two launches started
+    together cannot draw the same rendezvous port."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
-def command(ckpt: Path, log: Path, fault: str | None) -> list[str]:
+def command(ckpt: Path, log: Path, fault: str | None, port: int) -> list[str]:
     """The launch; ``fault``: None, "kill" (rank KILL_RANK dies in step KILL_AT) or "hang" (it stops answering)."""
     # --monitor-interval 1 (default 0.1): torchrun would often stop the surviving rank before it notices
     # the dead peer itself; a second lets the survivor's own detection (tens of ms) be what is measured.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(NPROC), "--max-restarts", "3",
-           "--monitor-interval", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+           "--monitor-interval", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
            "-m", "launch.fault_tolerant", "--ckpt", str(ckpt), "--log-file", str(log),
            "--steps", str(STEPS), "--every", str(EVERY), "--timeout", str(TIMEOUT_S)]
     if fault is not None:
@@ -92,12 +99,12 @@ def command(ckpt: Path, log: Path, fault: str | None) -> list[str]:
 class Launch:
     """One torchrun launch of the example, in its own process group and directory."""
 
-    def __init__(self, root: Path, name: str, fault: str | None) -> None:
+    def __init__(self, root: Path, name: str, fault: str | None, port: int) -> None:
         self.name, self.dir = name, root / name
         self.dir.mkdir(parents=True)
         self.out = open(self.dir / "torchrun.out", "w+")
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(command(self.dir / "ckpt", self.dir / "train.jsonl", fault), env=_env(),
+        self.proc = subprocess.Popen(command(self.dir / "ckpt", self.dir / "train.jsonl", fault, port), env=_env(),
                                      cwd=REPO, stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def finish(self) -> Run:
@@ -121,7 +128,8 @@ class Launch:
 
 def launch_all(root: Path, faults: dict[str, str | None]) -> list[Run]:
     """Start one launch per entry of ``faults`` (name -> fault) at once; their runs, once all have finished."""
-    launches = [Launch(root, name, fault) for name, fault in faults.items()]
+    ports = _free_ports(len(faults))
+    launches = [Launch(root, name, fault, port) for (name, fault), port in zip(faults.items(), ports)]
     try:
         runs = [launch.finish() for launch in launches]
     finally:

@@ -15,6 +15,7 @@ _ops.py); the counts are summed over ranks.
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from collections.abc import Callable
 
@@ -38,6 +39,7 @@ class Settings:
     warmup: int = 5
     check: bool = True
     aggregate: int = 3
+    interleave: bool | None = None  # None: on CPU ([Note: interleaved timing]), not on GPUs
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -98,6 +100,50 @@ def measure(comm, op: BenchOp, algorithm: str, lay: Layout, in_place: bool, s: S
     return Measurement(time_us, wrong)
 
 
+def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, in_place: bool,
+                        s: Settings) -> dict[str, Measurement]:
+    """Every algorithm's Measurement at one layout, their timed calls taken in turn ([Note: interleaved
+    timing]): iteration k times one call of each algorithm, in an order shuffled by k, before
+    iteration k + 1 begins."""
+    runs = {}
+    for a in algorithms:
+        inp, out = op.buffers(lay, in_place, comm.rank, s.dtype, comm.device)
+        inp.copy_(check_input(lay.inp, comm.rank, comm.size, s.dtype, s.red, comm.device))
+        runs[a] = (op.bind(comm, inp, out, a, s.red, s.root), inp, out)
+    for run, _, _ in runs.values():
+        for _ in range(s.warmup):
+            run()
+    _sync(comm.device)
+    comm.barrier()
+    total = dict.fromkeys(algorithms, 0.0)
+    for k in range(s.iters):
+        order = list(algorithms)
+        random.Random(k).shuffle(order)  # the same order on every rank
+        for a in order:
+            run = runs[a][0]
+            t0 = time.perf_counter()
+            run()
+            _sync(comm.device)
+            total[a] += time.perf_counter() - t0
+    out = {}
+    for a, (run, inp, buf) in runs.items():
+        time_us = _aggregate(comm, total[a] / max(1, s.iters), s.aggregate) * 1e6
+        out[a] = Measurement(time_us, check(comm, op, run, inp, buf, s) if s.check else None)
+    return out
+
+# [Note: interleaved timing]
+# With ranks time-sharing cores (4 ranks on the 2-core reference machine), the same cell measured
+# twice differed by up to 2-3x: the load the machine is under drifts over seconds, and timing one
+# algorithm's 20 calls, then the next's, gives each algorithm a different stretch of it. Comparing
+# algorithms (the summary's fastest, and auto against the best) then measures the drift. Taking
+# the algorithms' calls in turn spreads the drift over all of them. The order is shuffled every
+# iteration (the same shuffle on every rank), because a call also pays for the skew the previous one
+# left between ranks: in a fixed cycle gloo's own all-reduce left the call after it 1.2-2x slower
+# than the same algorithm's own column. Each call is timed on its own
+# (a host-synchronous call on CPU); on GPUs, where that would add a synchronisation per call, the
+# nccl-tests way (back-to-back calls, one synchronisation) stays the default.
+
+
 def check(comm, op: BenchOp, run: Callable[[], None], inp: torch.Tensor, out: torch.Tensor, s: Settings) -> int:
     """Mismatching output elements of one call on check inputs, summed over ranks."""
     n, rank = comm.size, comm.rank
@@ -126,6 +172,18 @@ def predict(comm, op: BenchOp, algorithm: str, nbytes: int, dtype: torch.dtype) 
         return comm.model.predict(op.name, nbytes, algorithm, dtype) * 1e6, None
     except (ValueError, KeyError, NotImplementedError):
         return None, None
+
+
+def run_sizes(comm, op: BenchOp, algorithms: list[str], nbytes: int, s: Settings) -> dict[str, Result]:
+    """run_size for every algorithm at once, interleaved ([Note: interleaved timing])."""
+    lay = op.layout(nbytes, s.dtype.itemsize, comm.size)
+    oop = measure_interleaved(comm, op, algorithms, lay, False, s)
+    ip = measure_interleaved(comm, op, algorithms, lay, True, s) if op.has_in_place else {}
+    out = {}
+    for a in algorithms:
+        predicted, chosen = predict(comm, op, a, lay.size, s.dtype)
+        out[a] = Result(lay, oop[a], ip.get(a), predicted, chosen)
+    return out
 
 
 def run_size(comm, op: BenchOp, algorithm: str, nbytes: int, s: Settings) -> Result:

@@ -36,7 +36,7 @@ from benchmarks._launch import LAUNCHER_ENV, launched, spawn, spawned
 
 from . import _report
 from ._ops import OPS, BenchOp
-from ._sweep import AGGREGATES, AUTO, Result, Settings, run_size
+from ._sweep import AGGREGATES, AUTO, Result, Settings, run_size, run_sizes
 
 DTYPES = {"float": torch.float32, "float32": torch.float32, "fp32": torch.float32,
           "double": torch.float64, "float64": torch.float64, "fp64": torch.float64,
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--root", type=int, default=0, help="root of broadcast and reduce (default 0)")
     p.add_argument("-a", "--average", type=int, choices=sorted(AGGREGATES), default=3,
                    help="time reported: " + ", ".join(f"{k}={v}" for k, v in AGGREGATES.items()) + " (default 3)")
+    p.add_argument("--interleave", type=int, choices=(0, 1), default=None,
+                   help="time the algorithms' calls in turn, each call on its own (default: 1 on CPU, 0 on GPUs)")
     p.add_argument("--nproc", type=int, default=4, help="local gloo ranks to start without a launcher (default 4)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck rank fails (default 300)")
     p.add_argument("--json", type=Path, help="write the rows and a header to this JSON file")
@@ -155,7 +157,8 @@ def parse_args(argv: list[str]) -> Options:
         plan, notes = expand_algorithms(a.algo, ops)
     except ValueError as e:
         p.error(str(e))
-    s = Settings(sizes, dtype, red, a.root, a.iters, a.warmup_iters, bool(a.check), a.average)
+    s = Settings(sizes, dtype, red, a.root, a.iters, a.warmup_iters, bool(a.check), a.average,
+                 None if a.interleave is None else bool(a.interleave))
     return Options(plan, notes, s, a.nproc, a.timeout, a.json, a.plot)
 
 
@@ -198,6 +201,8 @@ def launcher_name() -> str:
 
 def sweep(comm, opts: Options) -> int:
     s = opts.settings
+    if s.interleave is None:
+        s = dataclasses.replace(s, interleave=comm.device.type == "cpu")
     lead = comm.rank == 0
     if s.root >= comm.size:
         raise SystemExit(f"-r: root {s.root} is out of range for {comm.size} ranks")
@@ -215,8 +220,15 @@ def sweep(comm, opts: Options) -> int:
     for name, algos in opts.plan.items():
         op: BenchOp = OPS[name]
         blocks: dict[str, list[Result]] = {a: [] for a in algos}
-        # Sizes outside, algorithms inside: the algorithms compared at one size are measured moments apart.
+        # Sizes outside, algorithms inside: the algorithms compared at one size are measured moments apart
+        # (call by call where interleaved).
         for nbytes in s.sizes:
+            if s.interleave:
+                progress.show(f"{name} {_report.human_size(nbytes)} {len(algos)} algorithms interleaved")
+                for algorithm, result in run_sizes(comm, op, algos, nbytes, s).items():
+                    blocks[algorithm].append(result)
+                    progress.step()
+                continue
             for algorithm in algos:
                 progress.show(f"{name} {_report.human_size(nbytes)} {algorithm}")
                 blocks[algorithm].append(run_size(comm, op, algorithm, nbytes, s))

@@ -54,6 +54,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -206,8 +207,14 @@ def main(argv: list[str] | None = None) -> None:
         train(args, comm, log, attempt)
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            collectives.shutdown()  # closes the communicator (its transports) before destroying the group
 
 
 if __name__ == "__main__":
     main()
+    # Everything is logged and the group destroyed. torch's gloo teardown at interpreter exit sometimes
+    # aborts ("terminate called without an active exception"), and torchrun would restart a finished
+    # job for it: leave without the C++ teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

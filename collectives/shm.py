@@ -429,7 +429,7 @@ class ShmTransport:
         """Move every channel as far as it goes without blocking; True if anything moved."""
         moved = False
         for ch in self._channels:
-            if ch.queue and (self._push(ch) if ch.out else self._pull(ch)):
+            if ch.queue and self._move(ch):
                 moved = True
         return moved
 
@@ -449,26 +449,33 @@ class ShmTransport:
         ch.avail += len(got)
         return 1
 
-    def _push(self, ch: _Channel) -> bool:
-        q, slots, hdr, size = ch.queue, ch.slots, ch.hdr, ch.slot_bytes
+    def _move(self, ch: _Channel) -> bool:
+        """Move ``ch``'s queue as far as its slots allow: a sender fills free slots and rings the data
+        doorbell, a receiver empties full ones and returns credits. True if anything moved."""
+        q, slots, hdr, size, out = ch.queue, ch.slots, ch.hdr, ch.slot_bytes, ch.out
         moved = False
-        bells = 0
+        owed = 0  # doorbells not rung yet (batched below _RING_NOW bytes)
         while q:
             if not ch.avail:
-                got = self._refill(ch, bells, "credits")
-                bells = 0
+                got = self._refill(ch, owed, "credits" if out else "data")
+                owed = 0
                 if got < 0:
                     return True
                 if not got:
                     break
             op = q[0]
             i, off = ch.index, op.off
-            n = op.nbytes - off
-            if n > size:
-                n = size
-            hdr[i] = op.nbytes
-            dst = slots[i]
-            (dst if n == size else dst[:n]).copy_(op.buf if n == op.nbytes else op.buf[off:off + n])
+            if out:
+                hdr[i] = op.nbytes
+            elif off == 0 and not self._matches(ch, op, int(hdr[i])):
+                return True
+            n = min(op.nbytes - off, size)
+            piece = op.buf if n == op.nbytes else op.buf[off:off + n]
+            slot = slots[i] if n == size else slots[i][:n]
+            if out:
+                slot.copy_(piece)
+            else:
+                piece.copy_(slot)
             ch.index = i + 1 if i + 1 < ch.nslots else 0
             ch.avail -= 1
             op.off = off + n
@@ -477,59 +484,25 @@ class ShmTransport:
                 op.done = True
                 op.buf = None
             moved = True
-            bells += 1
+            owed += 1
             if n >= _RING_NOW:
-                if not self._ring(ch, bells):
+                if not self._ring(ch, owed):
                     return True
-                bells = 0
-        if bells:
-            self._ring(ch, bells)
+                owed = 0
+        if owed:
+            self._ring(ch, owed)
         return moved
 
-    def _pull(self, ch: _Channel) -> bool:
-        q, slots, hdr, size = ch.queue, ch.slots, ch.hdr, ch.slot_bytes
-        moved = False
-        credits = 0
-        while q:
-            if not ch.avail:
-                got = self._refill(ch, credits, "data")
-                credits = 0
-                if got < 0:
-                    return True
-                if not got:
-                    break
-            op = q[0]
-            i, off = ch.index, op.off
-            if off == 0:
-                ch.messages += 1
-                sent = int(hdr[i])
-                if sent != op.nbytes:
-                    self._fail(ch, RuntimeError(
-                        f"rank {self.rank}: size mismatch with rank {ch.peer}: message #{ch.messages} from rank "
-                        f"{ch.peer} has {sent} bytes but the matching receive on rank {self.rank} expects "
-                        f"{op.nbytes} bytes (receives from a peer match its sends in posting order)"))
-                    return True
-            n = op.nbytes - off
-            if n > size:
-                n = size
-            src = slots[i]
-            (op.buf if n == op.nbytes else op.buf[off:off + n]).copy_(src if n == size else src[:n])
-            ch.index = i + 1 if i + 1 < ch.nslots else 0
-            ch.avail -= 1
-            op.off = off + n
-            if op.off == op.nbytes:
-                q.popleft()
-                op.done = True
-                op.buf = None
-            moved = True
-            credits += 1
-            if n >= _RING_NOW:
-                if not self._ring(ch, credits):
-                    return True
-                credits = 0
-        if credits:
-            self._ring(ch, credits)
-        return moved
+    def _matches(self, ch: _Channel, op: _Op, sent: int) -> bool:
+        """A receive's first piece: does the message's byte count match? If not, fail the channel."""
+        ch.messages += 1
+        if sent == op.nbytes:
+            return True
+        self._fail(ch, RuntimeError(
+            f"rank {self.rank}: size mismatch with rank {ch.peer}: message #{ch.messages} from rank "
+            f"{ch.peer} has {sent} bytes but the matching receive on rank {self.rank} expects "
+            f"{op.nbytes} bytes (receives from a peer match its sends in posting order)"))
+        return False
 
     def _ring(self, ch: _Channel, k: int) -> bool:
         """Write ``k`` doorbell bytes (never blocks: a FIFO holds at most ``slots`` of them).

@@ -499,3 +499,33 @@ def death_worker(rank: int, port: int, conn) -> None:
     conn.send((time.monotonic() - t0, result))
     conn.close()
     os._exit(0)  # the peer is gone: skip process-group teardown
+
+
+def communicator_transports(comm, slots_env: str | None) -> dict:
+    """A fresh Communicator on this group: which transport its collectives and its point-to-point
+    calls use, whether an all-reduce is right, and the warnings set-up gave. ``slots_env`` is put in
+    TOPOCOMM_SHM_SLOTS for the construction (an invalid value makes shared memory unavailable)."""
+    import warnings
+
+    from collectives import Communicator
+
+    old = os.environ.get("TOPOCOMM_SHM_SLOTS")
+    if slots_env is not None:
+        os.environ["TOPOCOMM_SHM_SLOTS"] = slots_env
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            c = Communicator(comm.group, timeout=30)
+    finally:
+        if old is None:
+            os.environ.pop("TOPOCOMM_SHM_SLOTS", None)
+        else:
+            os.environ["TOPOCOMM_SHM_SLOTS"] = old
+    try:
+        t = torch.arange(1000, dtype=torch.float64) * (comm.rank + 1)
+        c.all_reduce(t, algorithm="ring")
+        want = torch.arange(1000, dtype=torch.float64) * sum(range(1, comm.size + 1))
+        return {"collectives": type(c._executor.transport).__name__, "p2p": type(c._p2p).__name__,
+                "right": bool(torch.equal(t, want)), "warnings": [str(w.message) for w in caught]}
+    finally:
+        c.close()

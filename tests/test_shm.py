@@ -119,3 +119,11 @@ def test_dead_peer_raises_connection_error():
     assert took < 10, (took, msg)
     assert "rank 1" in msg and "closed" in msg, msg
 
+
+
+def test_communicators_use_shared_memory_and_fall_back_to_gloo_when_it_is_unavailable(pool):
+    for r in pool.run(3, "tests.shm_cases:communicator_transports", None, timeout=60):
+        assert r == {"collectives": "ShmTransport", "p2p": "TorchTransport", "right": True, "warnings": []}, r
+    for r in pool.run(3, "tests.shm_cases:communicator_transports", "0", timeout=60):  # slots must be >= 1
+        assert r["collectives"] == "TorchTransport" and r["right"], r
+        assert len(r["warnings"]) == 1 and "shared memory between local ranks is unavailable" in r["warnings"][0], r

@@ -231,8 +231,10 @@ def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
             theta = new
             if done:
                 break
-        pred = [CostModel(topo, backend, profile=_params(params, theta)).predict(r["op"], r["bytes"], r["algorithm"])
-                for topo, rows in sweeps for r in rows]
+        pred = [model.predict(r["op"], r["bytes"], r["algorithm"])
+                for topo, rows in sweeps
+                for model in (CostModel(topo, backend, profile=_params(params, theta)),)
+                for r in rows]
         err = float(np.sqrt(np.mean((np.array(pred) / t - 1) ** 2)))
         if best is None or err < best[0]:
             best = (err, theta)

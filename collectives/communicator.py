@@ -197,10 +197,14 @@ class Communicator:
                     inp: torch.Tensor | None, root: int | None, wire: torch.dtype | None) -> None:
         try:
             run_native(coll, self.group, self.backend, red, out, inp, root, wire)
-        except RuntimeError as e:  # the backend's own message names no rank: say what was running
-            kind = TimeoutError if "timed out" in str(e).lower() else RuntimeError
-            raise kind(f"rank {self.rank}: native {coll.value} over {self.size} ranks failed: a rank stopped "
-                       f"answering, died, or made a different call ({e})") from e
+        except RuntimeError as e:
+            raise self._native_failure(coll, e) from e
+
+    def _native_failure(self, coll: Collective, e: RuntimeError) -> Exception:
+        """The backend's own message names no rank: say what was running."""
+        kind = TimeoutError if "timed out" in str(e).lower() else RuntimeError
+        return kind(f"rank {self.rank}: native {coll.value} over {self.size} ranks failed: a rank stopped "
+                    f"answering, died, or made a different call ({e})")
 
     # -- planning ----------------------------------------------------------
 
@@ -309,8 +313,7 @@ class Communicator:
                 work = start_native(coll, self.group, red, out.detach().view(-1),
                                     inp.detach().view(-1) if inp is not None else None)
             except RuntimeError as e:
-                raise RuntimeError(f"rank {self.rank}: native {coll.value} over {self.size} ranks failed: "
-                                   f"{e}") from e
+                raise self._native_failure(coll, e) from e
             if work is not None:
                 return Handle(out, waits=[work])
 

@@ -25,27 +25,25 @@ def _launch(coll: Collective, group: dist.ProcessGroup, op: dist.ReduceOp | None
             inp: torch.Tensor | None, root: int | None, blocking: bool) -> dist.Work | None:
     """Start the backend's collective (one of _DIRECT) through the ProcessGroup itself ([Note: straight
     to the group]). Its Work, or None from a blocking call the backend already completed in order."""
+    def options(opts):
+        opts.asyncOp = not blocking  # blocking: NCCL may run it on the caller's stream
+        return opts
+
     if coll is Collective.ALL_REDUCE:
-        opts = dist.AllreduceOptions()
+        opts = options(dist.AllreduceOptions())
         opts.reduceOp = op
-    elif coll is Collective.REDUCE_SCATTER:
-        opts = dist.ReduceScatterOptions()
-        opts.reduceOp = op
-    elif coll is Collective.ALL_GATHER:
-        opts = AllgatherOptions()
-    elif coll is Collective.BROADCAST:
-        opts = dist.BroadcastOptions()
-        opts.rootRank, opts.rootTensor = root, 0
-    else:
-        raise AssertionError(coll)
-    opts.asyncOp = not blocking  # blocking: NCCL may run it on the caller's stream
-    if coll is Collective.ALL_REDUCE:
         return group.allreduce([out], opts)
     if coll is Collective.REDUCE_SCATTER:
+        opts = options(dist.ReduceScatterOptions())
+        opts.reduceOp = op
         return group._reduce_scatter_base(out, inp, opts)
     if coll is Collective.ALL_GATHER:
-        return group._allgather_base(out, inp, opts)
-    return group.broadcast([out], opts)
+        return group._allgather_base(out, inp, options(AllgatherOptions()))
+    if coll is Collective.BROADCAST:
+        opts = options(dist.BroadcastOptions())
+        opts.rootRank, opts.rootTensor = root, 0
+        return group.broadcast([out], opts)
+    raise AssertionError(coll)
 
 # [Note: straight to the group]
 # torch.distributed's module functions (dist.all_reduce and the rest) check their arguments, look

@@ -424,13 +424,12 @@ def hierarchical_struct(lay: _Layout, nodes: tuple[tuple[int, ...], ...], parts:
         key = tuple(active)
         if key not in lines:
             used = [i for i, c in enumerate(active) if c]
-            dst = np.concatenate([phases[i][0] for i in used])
-            frac = np.concatenate([np.full(len(src), active[i] * phases[i][1] / parts) for i in used])
+            moved = {i: np.full(len(src), active[i] * phases[i][1] / parts) for i in used}
             red = [i for i in used if phases[i][2]]
-            lines[key] = round_lines(lay, np.tile(src, len(used)), dst, frac,
+            lines[key] = round_lines(lay, np.tile(src, len(used)), np.concatenate([phases[i][0] for i in used]),
+                                     np.concatenate([moved[i] for i in used]),
                                      np.concatenate([phases[i][0] for i in red]) if red else None,
-                                     np.concatenate([np.full(len(src), active[i] * phases[i][1] / parts)
-                                                     for i in red]) if red else 0.0)
+                                     np.concatenate([moved[i] for i in red]) if red else 0.0)
         rounds.append(lines[key])
     return _collect(rounds)
 

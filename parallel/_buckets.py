@@ -38,12 +38,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 
+def streamed_algorithm(comm, op: str, t: torch.Tensor, wire: torch.dtype | None = None) -> str:
+    """The algorithm for one asynchronous bucket collective of ``op`` over ``t`` (its input), sent as
+    ``wire`` (default: its own dtype): the cost model's pick for back-to-back calls ([Note: streamed
+    calls] in collectives/model.py), the same on every rank."""
+    dtype = wire or t.dtype
+    return comm.plan(op, t.numel() * dtype.itemsize, dtype, streamed=True).algorithm
 
-def streamed_algorithm(comm, op: str, t: torch.Tensor) -> str:
-    """The algorithm for one asynchronous bucket collective of ``op`` over ``t`` (its input): the cost
-    model's pick for back-to-back calls ([Note: streamed calls] in collectives/model.py), the same on
-    every rank."""
-    return comm.plan(op, t.numel() * t.element_size(), t.dtype, streamed=True).algorithm
 
 @dataclasses.dataclass(eq=False)
 class Bucket:

@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ._buckets import Bucket, GradBuckets, assign_buckets, relayout
+from ._buckets import Bucket, GradBuckets, assign_buckets, relayout, streamed_algorithm
 
 FIRST_BUCKET_BYTES = 1 << 20  # DDP's first bucket: communication starts early in backward
 _BROADCAST_CHUNK_BYTES = 256 << 20
@@ -138,8 +138,7 @@ class DataParallel(nn.Module):
         bucket reductions ([Note: streamed calls] in collectives/model.py), the same on every rank."""
         if self.algorithm != "auto":
             return self.algorithm
-        dtype = self._reduce.wire_dtype(bucket.flat.dtype)
-        return self.comm.plan("all_reduce", bucket.flat.numel() * dtype.itemsize, dtype, streamed=True).algorithm
+        return streamed_algorithm(self.comm, "all_reduce", bucket.flat, self._reduce.wire_dtype(bucket.flat.dtype))
 
     # -- backward: launch per bucket, finish at the end ---------------------------
 

@@ -52,44 +52,33 @@ so it does not hide its parent's death. A size mismatch fails the channel the
 same way (``RuntimeError`` naming the peer and both sizes); other channels
 carry on.
 
-Set-up and clean-up. The constructor is collective over the group: the ranks
-agree on the slot geometry and on which pairs are local, rank 0 broadcasts a
-fresh directory name, each rank creates its incoming channels (buffer file,
-space reserved up front so a full ``/dev/shm`` fails here rather than with a
-SIGBUS later, and both FIFOs), every rank opens its FIFO read ends, then its
-write ends, and maps the buffers. Then every file, FIFO and the directory are
-unlinked: the mappings and descriptors keep the channels alive, and nothing
-is left in ``/dev/shm`` whatever happens to the processes later. Every step
-ends with a gloo all-reduce of per-rank error flags, so a failure on one rank
-raises on all of them instead of leaving the others blocked. ``close()``
-releases descriptors and mappings. Shared memory used per rank: its incoming
-channels, ``(local peers) * slots * slot_bytes`` bytes (12 MiB with 4 local
-ranks and the defaults).
+Set-up and clean-up (collectives/shm_channels.py). The constructor is
+collective over the group and raises on every rank if it fails on any; it
+leaves nothing in ``/dev/shm`` (the names are unlinked once mapped and
+opened). ``close()`` releases descriptors and mappings. Shared memory used
+per rank: its incoming channels, ``(local peers) * slots * slot_bytes`` bytes
+(12 MiB with 4 local ranks and the defaults).
 """
 
 from __future__ import annotations
 
 import datetime
-import errno
 import functools
 import math
 import os
 import select
 import time
-import uuid
 import weakref
-from collections import deque
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
+from .shm_channels import MAX_SLOTS, Channel, close_fds, open_channels
 from .transport import PeerTimeoutError, TorchTransport, Waitable
 
 DEFAULT_SLOT_BYTES = 1 << 20
 DEFAULT_SLOTS = 4
-MAX_SLOTS = 4096  # a FIFO holds at most `slots` doorbell bytes; a pipe holds at least 4096 bytes
-SHM_DIR = "/dev/shm"
 _RING_NOW = 32 << 10  # pieces at least this large ring their doorbell at once (the peer starts copying)
 _POLL_CAP_S = 60.0
 DEFAULT_SPIN_US = 100  # only where the host has a core per local rank
@@ -143,42 +132,6 @@ class _Fallback:
         self.done = True
 
 
-class _Channel:
-    """One direction of a local pair, seen from this rank: ``out`` (this rank sends) or ``in``."""
-
-    __slots__ = ("peer", "out", "hdr", "slots", "nslots", "slot_bytes", "index", "avail",
-                 "read_fd", "write_fd", "queue", "error", "messages")
-
-    def __init__(self, peer: int, out: bool, mem: torch.Tensor, nslots: int, slot_bytes: int,
-                 read_fd: int, write_fd: int) -> None:
-        self.peer, self.out = peer, out
-        hdr_bytes, stride = _layout(nslots, slot_bytes)
-        self.hdr = mem[:hdr_bytes].view(torch.int64).numpy()  # per slot: byte count of its message
-        self.slots = [mem[hdr_bytes + i * stride:hdr_bytes + i * stride + slot_bytes] for i in range(nslots)]
-        self.nslots, self.slot_bytes = nslots, slot_bytes
-        self.index = 0  # next slot to fill (out) or to drain (in)
-        self.avail = nslots if out else 0  # credits (out) or filled slots announced (in)
-        # out: read credits, write data doorbells; in: read data doorbells, write credits
-        self.read_fd, self.write_fd = read_fd, write_fd
-        self.queue: deque[_Op] = deque()
-        self.error: BaseException | None = None
-        self.messages = 0  # messages started (in: for error messages)
-
-
-def _layout(nslots: int, slot_bytes: int) -> tuple[int, int]:
-    """(header bytes, slot stride) of a channel file: headers first, slots 64-byte aligned."""
-    hdr = -(-8 * nslots // 4096) * 4096
-    return hdr, -(-slot_bytes // 64) * 64
-
-
-def _close_fds(fds: list[int]) -> None:
-    while fds:
-        try:
-            os.close(fds.pop())
-        except OSError:
-            pass
-
-
 def _env_int(name: str, default: int) -> int:
     text = os.environ.get(name, "").strip()
     if not text:
@@ -222,14 +175,13 @@ class ShmTransport:
                 raise ValueError(f"peers_local: expected {self.size} entries (one per rank), got {len(mask)}")
         mask[self.rank] = False
         self._fds: list[int] = []
-        self._release = weakref.finalize(self, _close_fds, self._fds)
+        self._release = weakref.finalize(self, close_fds, self._fds)
         # A forked child (a data-loader worker, say) must not keep our FIFO ends open: a peer would
         # then never see this rank's death. The child drops its copies; the parent is unaffected.
-        os.register_at_fork(after_in_child=functools.partial(_close_fds, self._fds))
-        self._outs: list[_Channel | None] = [None] * self.size
-        self._ins: list[_Channel | None] = [None] * self.size
+        os.register_at_fork(after_in_child=functools.partial(close_fds, self._fds))
         self._closed = False
-        self._setup(group, mask)
+        self._outs, self._ins = open_channels(group, self.rank, self.size, self._fallback.global_ranks[0], mask,
+                                              slot_bytes, slots, self._fds)
         self._channels = [c for c in self._ins + self._outs if c is not None]
         self.local_peers = tuple(p for p in range(self.size) if self._outs[p] is not None)
         # Spinning before sleeping pays only where every local rank has a core of its own.
@@ -250,124 +202,6 @@ class ShmTransport:
 
     # -- set-up -----------------------------------------------------------------
 
-    def _agree(self, group: dist.ProcessGroup, err: BaseException | None, step: str) -> None:
-        """A barrier that also tells every rank whether any rank failed ``step``."""
-        flags = torch.zeros(self.size, dtype=torch.int32)
-        flags[self.rank] = err is not None
-        dist.all_reduce(flags, group=group)
-        bad = flags.nonzero().flatten().tolist()
-        if err is not None:
-            raise RuntimeError(f"rank {self.rank}: shared-memory set-up failed ({step}): {err}") from err
-        if bad:
-            who = f"rank {bad[0]}" if len(bad) == 1 else "ranks " + ", ".join(map(str, bad))
-            raise RuntimeError(f"rank {self.rank}: shared-memory set-up failed on {who} ({step}); "
-                               f"see the error raised there")
-
-    def _setup(self, group: dist.ProcessGroup, mask: list[bool]) -> None:
-        n, me = self.size, self.rank
-        # Every rank's geometry and view of which peers are local, in one all-reduce (no pickling).
-        table = torch.zeros(n, n + 2, dtype=torch.int64)
-        table[me, 0], table[me, 1] = self.slot_bytes, self.slots
-        table[me, 2:] = torch.tensor(mask, dtype=torch.int64)
-        dist.all_reduce(table, group=group)
-        geometry = {tuple(row[:2]) for row in table.tolist()}
-        if len(geometry) > 1:
-            raise ValueError(f"rank {me}: ranks disagree on the shared-memory slots (slot_bytes, slots): "
-                             f"{[tuple(row[:2]) for row in table.tolist()]}; set TOPOCOMM_SHM_SLOT_BYTES/"
-                             f"TOPOCOMM_SHM_SLOTS alike everywhere")
-        local = table[:, 2:].bool()
-        asym = (local != local.t()).nonzero().tolist()
-        if asym:
-            a, b = asym[0]
-            raise ValueError(f"rank {me}: peers_local disagrees between ranks: rank {a} marks rank {b} "
-                             f"{'local' if local[a, b] else 'remote'} but rank {b} marks rank {a} "
-                             f"{'local' if local[b, a] else 'remote'}")
-        if not bool(local.any()):
-            return
-        peers = [p for p in range(n) if local[me, p]]
-        name = torch.zeros(16, dtype=torch.uint8)
-        if me == 0:
-            name.copy_(torch.frombuffer(bytearray(uuid.uuid4().bytes), dtype=torch.uint8))
-        dist.broadcast(name, src=self._fallback.global_ranks[0], group=group)
-        base = os.environ.get("TOPOCOMM_SHM_DIR", SHM_DIR)
-        root = os.path.join(base, "topocomm-" + bytes(name.tolist()).hex())
-        hdr_bytes, stride = _layout(self.slots, self.slot_bytes)
-        file_bytes = hdr_bytes + self.slots * stride
-
-        def path(src: int, dst: int, kind: str) -> str:
-            return os.path.join(root, f"{src}-{dst}.{kind}")
-
-        created: list[str] = []
-        mems: dict[tuple[int, int], torch.Tensor] = {}
-        fds: dict[tuple[int, int, str], int] = {}
-        try:
-            err: BaseException | None = None
-            try:  # this rank creates its incoming channels
-                if peers:
-                    try:
-                        os.mkdir(root, 0o700)
-                    except FileExistsError:
-                        pass
-                for p in peers:
-                    buf = path(p, me, "buf")
-                    fd = os.open(buf, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                    created.append(buf)
-                    try:
-                        os.posix_fallocate(fd, 0, file_bytes)  # reserve now: a full tmpfs fails here, not later
-                    except OSError as e:
-                        if e.errno != errno.ENOSPC:
-                            raise
-                        raise OSError(e.errno, f"{base} is full: each rank needs {len(peers)} x "
-                                      f"{file_bytes / 2**20:.1f} MiB for its channels (lower "
-                                      f"TOPOCOMM_SHM_SLOT_BYTES or TOPOCOMM_SHM_SLOTS, or grow {base})") from e
-                    finally:
-                        os.close(fd)
-                    for kind in ("data", "credit"):
-                        os.mkfifo(path(p, me, kind), 0o600)
-                        created.append(path(p, me, kind))
-            except Exception as e:  # noqa: BLE001 - reported on every rank by _agree
-                err = e
-            self._agree(group, err, f"creating channels under {base}")
-            try:  # read ends first: opening a FIFO's write end without a reader fails (ENXIO)
-                for p in peers:
-                    fds[(p, me, "data")] = self._open(path(p, me, "data"), os.O_RDONLY)
-                    fds[(me, p, "credit")] = self._open(path(me, p, "credit"), os.O_RDONLY)
-            except Exception as e:  # noqa: BLE001
-                err = _hint(e, peers)
-            self._agree(group, err, "opening doorbell read ends")
-            try:
-                for p in peers:
-                    fds[(p, me, "credit")] = self._open(path(p, me, "credit"), os.O_WRONLY)
-                    fds[(me, p, "data")] = self._open(path(me, p, "data"), os.O_WRONLY)
-                    mems[(p, me)] = torch.from_file(path(p, me, "buf"), shared=True, size=file_bytes,
-                                                    dtype=torch.uint8)
-                    mems[(me, p)] = torch.from_file(path(me, p, "buf"), shared=True, size=file_bytes,
-                                                    dtype=torch.uint8)
-            except Exception as e:  # noqa: BLE001
-                err = _hint(e, peers)
-            self._agree(group, err, "opening doorbell write ends and mapping buffers")
-        finally:
-            # Mapped and opened everywhere (or failed everywhere): the names are no longer needed.
-            for f in created:
-                try:
-                    os.unlink(f)
-                except OSError:
-                    pass
-            try:
-                os.rmdir(root)  # the last rank of this host to get here removes it
-            except OSError:
-                pass
-        for p in peers:
-            self._outs[p] = _Channel(p, True, mems[(me, p)], self.slots, self.slot_bytes,
-                                     fds[(me, p, "credit")], fds[(me, p, "data")])
-            self._ins[p] = _Channel(p, False, mems[(p, me)], self.slots, self.slot_bytes,
-                                    fds[(p, me, "data")], fds[(p, me, "credit")])
-
-    def _open(self, p: str, flags: int) -> int:
-        fd = os.open(p, flags | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._fds.append(fd)
-        return fd
-
     # -- posting ----------------------------------------------------------------
 
     def post(self, sends: Sequence[tuple[int, torch.Tensor]],
@@ -379,7 +213,7 @@ class ShmTransport:
         out: list[list[Waitable | None]] = [[None] * len(sends), [None] * len(recvs)]
         remote: list[list[tuple[int, torch.Tensor]]] = [[], []]
         where: list[list[int]] = [[], []]
-        local: list[tuple[int, int, _Channel, torch.Tensor]] = []
+        local: list[tuple[int, int, Channel, torch.Tensor]] = []
         # Check everything before anything is queued: a bad item must not leave half a post behind.
         for side, items, chans, what in ((1, recvs, self._ins, "receive"), (0, sends, self._outs, "send")):
             for j, (p, t) in enumerate(items):
@@ -433,7 +267,7 @@ class ShmTransport:
                 moved = True
         return moved
 
-    def _refill(self, ch: _Channel, owed: int, what: str) -> int:
+    def _refill(self, ch: Channel, owed: int, what: str) -> int:
         """Out of slots (a sender's credits, a receiver's data): ring the ``owed`` doorbells, then take
         what the peer has rung. 1: slots came; 0: none yet; -1: the channel failed or a doorbell could
         not be rung (the caller stops and reports progress)."""
@@ -449,7 +283,7 @@ class ShmTransport:
         ch.avail += len(got)
         return 1
 
-    def _move(self, ch: _Channel) -> bool:
+    def _move(self, ch: Channel) -> bool:
         """Move ``ch``'s queue as far as its slots allow: a sender fills free slots and rings the data
         doorbell, a receiver empties full ones and returns credits. True if anything moved."""
         q, slots, hdr, size, out = ch.queue, ch.slots, ch.hdr, ch.slot_bytes, ch.out
@@ -493,7 +327,7 @@ class ShmTransport:
             self._ring(ch, owed)
         return moved
 
-    def _matches(self, ch: _Channel, op: _Op, sent: int) -> bool:
+    def _matches(self, ch: Channel, op: _Op, sent: int) -> bool:
         """A receive's first piece: does the message's byte count match? If not, fail the channel."""
         ch.messages += 1
         if sent == op.nbytes:
@@ -504,7 +338,7 @@ class ShmTransport:
             f"{op.nbytes} bytes (receives from a peer match its sends in posting order)"))
         return False
 
-    def _ring(self, ch: _Channel, k: int) -> bool:
+    def _ring(self, ch: Channel, k: int) -> bool:
         """Write ``k`` doorbell bytes (never blocks: a FIFO holds at most ``slots`` of them).
         False when the channel failed."""
         if ch.write_fd < 0:
@@ -524,12 +358,12 @@ class ShmTransport:
             self._fail(ch, ConnectionError(f"rank {self.rank}: shared-memory channel with rank {ch.peer} failed: {e}"))
         return False
 
-    def _closed_error(self, ch: _Channel, detail: str) -> ConnectionError:
+    def _closed_error(self, ch: Channel, detail: str) -> ConnectionError:
         return ConnectionError(f"rank {self.rank}: rank {ch.peer} closed its shared-memory channel with rank "
                                f"{self.rank} ({detail}): rank {ch.peer} exited, died or closed its transport "
                                f"with transfers pending")
 
-    def _fail(self, ch: _Channel, err: BaseException) -> None:
+    def _fail(self, ch: Channel, err: BaseException) -> None:
         """Mark the channel failed: its pending transfers, and any posted later, raise ``err``."""
         if ch.error is None:
             ch.error = err
@@ -613,10 +447,3 @@ class ShmTransport:
     def __repr__(self) -> str:
         return (f"ShmTransport(rank={self.rank}, size={self.size}, local_peers={list(self.local_peers)}, "
                 f"slot_bytes={self.slot_bytes}, slots={self.slots})")
-
-
-def _hint(e: BaseException, peers: list[int]) -> BaseException:
-    if isinstance(e, FileNotFoundError):
-        return FileNotFoundError(e.errno, f"{e} (peers_local marks ranks {peers} local to this rank: are they "
-                                          f"on another host, or another /dev/shm namespace?)")
-    return e

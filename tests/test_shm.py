@@ -54,7 +54,7 @@ def test_waiting_on_gloo_keeps_shared_memory_moving(pool):
 
 
 def test_size_mismatch_names_peer_and_both_sizes(pool):
-    msgs = pool.run(2, "tests.shm_cases:size_mismatch", timeout=60)
+    msgs = pool.run(2, "tests.shm_failure_cases:size_mismatch", timeout=60)
     assert msgs[0] == ""
     assert "rank 0" in msgs[1] and "100 bytes" in msgs[1] and "200 bytes" in msgs[1], msgs[1]
     assert "no error" not in msgs[1]
@@ -62,7 +62,7 @@ def test_size_mismatch_names_peer_and_both_sizes(pool):
 
 def test_silent_peer_times_out_naming_it(pool):
     timeout = 2.0
-    results = pool.run(3, "tests.shm_cases:silent_peer", timeout, timeout=60)
+    results = pool.run(3, "tests.shm_failure_cases:silent_peer", timeout, timeout=60)
     assert results[1:] == ["silent", "silent"]
     took, peer, msg = results[0].split("|", 2)
     assert timeout <= float(took) < timeout + 2, results[0]
@@ -71,7 +71,7 @@ def test_silent_peer_times_out_naming_it(pool):
 
 def test_closed_peer_raises_at_once_even_with_a_forked_child_alive(pool):
     child_s = 2.0
-    results = pool.run(2, "tests.shm_cases:closed_peer", child_s, timeout=60)
+    results = pool.run(2, "tests.shm_failure_cases:closed_peer", child_s, timeout=60)
     assert results[1] == "closed"
     took, msgs = results[0].split("|", 1)
     assert float(took) < child_s / 2, results[0]
@@ -81,23 +81,23 @@ def test_closed_peer_raises_at_once_even_with_a_forked_child_alive(pool):
 
 
 def test_receive_from_a_sender_that_finished_and_closed(pool):
-    for problems in pool.run(2, "tests.shm_cases:early_close", timeout=60):
+    for problems in pool.run(2, "tests.shm_failure_cases:early_close", timeout=60):
         assert problems == []
 
 
 def test_bad_setup_raises_on_every_rank(pool):
-    for problems in pool.run(3, "tests.shm_cases:bad_setup", timeout=60):
+    for problems in pool.run(3, "tests.shm_failure_cases:bad_setup", timeout=60):
         assert problems == []
 
 
 @pytest.mark.parametrize("size", [2, 4])
 def test_nothing_left_in_dev_shm_and_close_releases_fds(pool, size):
-    for problems in pool.run(size, "tests.shm_cases:leftovers", timeout=60):
+    for problems in pool.run(size, "tests.shm_failure_cases:leftovers", timeout=60):
         assert problems == []
 
 
 def test_dead_peer_raises_connection_error():
-    from tests.shm_cases import death_worker
+    from tests.shm_failure_cases import death_worker
 
     ctx = mp.get_context("spawn")
     port = _free_port()

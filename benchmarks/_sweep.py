@@ -81,10 +81,16 @@ def _poison(t: torch.Tensor) -> None:
     t.fill_(255 if t.dtype == torch.uint8 else -1)
 
 
-def measure(comm, op: BenchOp, algorithm: str, lay: Layout, in_place: bool, s: Settings) -> Measurement:
+def _bound(comm, op: BenchOp, algorithm: str, lay: Layout, in_place: bool,
+           s: Settings) -> tuple[Callable[[], None], torch.Tensor, torch.Tensor]:
+    """One call of ``algorithm`` on fresh buffers holding the check input: (run, inp, out)."""
     inp, out = op.buffers(lay, in_place, comm.rank, s.dtype, comm.device)
     inp.copy_(check_input(lay.inp, comm.rank, comm.size, s.dtype, s.red, comm.device))
-    run = op.bind(comm, inp, out, algorithm, s.red, s.root)
+    return op.bind(comm, inp, out, algorithm, s.red, s.root), inp, out
+
+
+def measure(comm, op: BenchOp, algorithm: str, lay: Layout, in_place: bool, s: Settings) -> Measurement:
+    run, inp, out = _bound(comm, op, algorithm, lay, in_place, s)
     for _ in range(s.warmup):
         run()
     _sync(comm.device)
@@ -105,11 +111,7 @@ def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, i
     """Every algorithm's Measurement at one layout, their timed calls taken in turn ([Note: interleaved
     timing]): iteration k times one call of each algorithm, in an order shuffled by k, before
     iteration k + 1 begins."""
-    runs = {}
-    for a in algorithms:
-        inp, out = op.buffers(lay, in_place, comm.rank, s.dtype, comm.device)
-        inp.copy_(check_input(lay.inp, comm.rank, comm.size, s.dtype, s.red, comm.device))
-        runs[a] = (op.bind(comm, inp, out, a, s.red, s.root), inp, out)
+    runs = {a: _bound(comm, op, a, lay, in_place, s) for a in algorithms}
     for run, _, _ in runs.values():
         for _ in range(s.warmup):
             run()

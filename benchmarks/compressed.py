@@ -10,12 +10,13 @@ the float32 figure. Also prints the relative error against a float64 sum.
 from __future__ import annotations
 
 import argparse
-import json
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import collectives as C
+from benchmarks._launch import write_json
 from benchmarks._timing import slowest, timed
 
 
@@ -63,9 +64,8 @@ def main() -> None:
         if comm.rank == 0:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     if comm.rank == 0 and args.json:
-        with open(args.json, "w") as f:
-            json.dump({"world_size": n, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-                       "rows": rows}, f, indent=1)
+        write_json(Path(args.json), {"world_size": n, "rows": rows,
+                                     "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"})
     C.shutdown()
 
 

@@ -84,7 +84,8 @@ def train_equivalence(comm, schedule: str, chunks: int, stages_per_rank: int | N
     worst = _compare(pipe.module, ref, losses, ref_losses, tol)
     return {"worst": worst, "peak": pipe.stats.peak_activations, "stages": pipe.stage_ids,
             "names": sorted(n for n, _ in pipe.module.named_parameters()), "balance": pipe.balance,
-            "simulated_peak": list(pipe.simulation.peak_activations)}
+            "simulated_peak": list(pipe.simulation.peak_activations),
+            "pair_links": sorted(pipe._runtime.links.pairs)}
 
 
 def time_balance(comm, chunks: int = 2) -> dict:

@@ -210,6 +210,13 @@ def test_training_equals_single_process(pool, schedule, world, chunks, v):
         assert all(r["peak"] == {i: chunks} for i, r in enumerate(res))
     for r in res:  # the runtime holds what the simulator predicts
         assert all(r["simulated_peak"][s] == n for s, n in r["peak"].items())
+    # a world-wide pipeline talks to each neighbouring rank over a group of their own
+    # ([Note: one stream per neighbour] in parallel/pipeline/links.py)
+    for rank, r in enumerate(res):
+        stages = range(world * (v or 1))
+        want = {s2 % world for s in stages if s % world == rank for s2 in (s - 1, s + 1)
+                if s2 in stages and s2 % world != rank}
+        assert r["pair_links"] == sorted(want), (rank, r["pair_links"])
 
 
 def test_training_float32_and_explicit_balance(pool):

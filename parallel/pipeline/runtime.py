@@ -1,7 +1,8 @@
 """Executing one rank's lowered pipeline program.
 
 The runtime walks the program once per step. A batch of communication
-actions is posted with one transport call; a compute action first waits for
+actions is posted together (links.py: a group per neighbouring pair of
+ranks where it can); a compute action first waits for
 the receive it consumes; sends are waited for at the end of the step
 ([Note: communication semantics] in schedule.py). Receive buffers come from
 the boundary specs agreed before the first step, so no shape ever travels at
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .links import Links
 from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, PipelineSchedule, batches
 
 
@@ -56,37 +58,6 @@ class StepStats:
     @property
     def compute_s(self) -> float:
         return sum(end - start for _, start, end in self.timeline)
-
-
-def post(comm, sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[int, torch.Tensor]]):
-    """Post one batch of transfers together (NCCL needs one grouped call); returns (send, recv) waitables."""
-    transport = getattr(getattr(comm, "_executor", None), "transport", None)
-    if transport is not None:
-        return transport.post(list(sends), list(recvs))
-    return [comm.isend(t, p) for p, t in sends], [comm.irecv(t, p) for p, t in recvs]
-
-
-def connect(comm, peers: Sequence[int]) -> None:
-    """Exchange one element with every peer in both directions, all in one group, and wait.
-
-    [Note: NCCL connections] NCCL sets up a pair's point-to-point connection the first time the
-    pair transfers, inside the grouped call, blocking the host until the peer's side joins. A
-    schedule batch that pairs a first send to one neighbour with a first receive from another can
-    then wait on the host for a peer that is itself waiting for this batch's data: the pipeline
-    deadlocked that way on 4 GPUs. Connecting every neighbour up front, all ranks at once, leaves
-    no first transfer inside a schedule. Every listed peer must list this rank too.
-    """
-    peers = sorted(set(peers))
-    if not peers:
-        return
-    dev = comm.device
-    out = [torch.zeros(1, device=dev) for _ in peers]
-    into = [torch.empty(1, device=dev) for _ in peers]
-    s_waits, r_waits = post(comm, list(zip(peers, out)), list(zip(peers, into)))
-    for w in [*s_waits, *r_waits]:
-        w.wait()
-    if dev.type == "cuda":
-        torch.cuda.current_stream(dev).synchronize()
 
 
 class _Timer:
@@ -167,9 +138,10 @@ class Runtime:
         self.last = schedule.nstages - 1
         self.last_backward = max((k for k, it in enumerate(self.items) if isinstance(it, Action) and it.kind is B),
                                  default=-1)
-        me = comm.rank  # [Note: NCCL connections]; cheap elsewhere, so every backend does it
-        connect(comm, [schedule.rank_of(t) for s in stages for t in (s - 1, s + 1)
-                       if 0 <= t < schedule.nstages and schedule.rank_of(t) != me])
+        me = comm.rank
+        self.links = Links(comm, [schedule.rank_of(t) for s in stages for t in (s - 1, s + 1)
+                                  if 0 <= t < schedule.nstages and schedule.rank_of(t) != me],
+                           [(schedule.rank_of(s), schedule.rank_of(s + 1)) for s in range(schedule.nstages - 1)])
 
     def _local(self, a: int, b: int) -> bool:
         return self.schedule.rank_of(a) == self.schedule.rank_of(b)
@@ -273,7 +245,7 @@ class Runtime:
                 boundary = a.stage if a.kind is RECV_B else a.stage - 1
                 recvs.append((r, self.pool.get(specs[boundary], dev)))
                 recv_actions.append(a)
-        s_waits, r_waits = post(self.comm, sends, recvs)
+        s_waits, r_waits = self.links.post(sends, recvs)
         st.sent.extend(zip((t for _, t in sends), s_waits))
         for a, (_, t), w in zip(recv_actions, recvs, r_waits):
             st.received[a] = (t, w)

@@ -22,11 +22,22 @@ ranks whose gradients arrive in different orders, or whose parameters are
 used differently, still issue the same sequence of collectives, so they never
 deadlock or pair the wrong buckets.
 
+[Note: views before accumulation] After ``zero_grad(set_to_none=True)``
+every ``.grad`` is None, and autograd would allocate each gradient for the
+hook to copy into its bucket (one copy kernel and one Python call per
+parameter, on the host's critical path in backward). Instead, when the first
+hook of a synchronised backward fires, every parameter whose ``.grad`` is
+still None gets its zeroed view (one fill per bucket), so autograd
+accumulates straight into the bucket. Only the parameter whose hook fired
+first is copied. Those parameters are remembered as ``preset``: one whose
+hook then never fires gets ``.grad`` None back: a missing gradient, not a
+defined zero.
+
 [Note: missing gradients] At the end of a synchronised backward, a parameter
 whose hook did not fire in it is settled before its bucket goes: ``.grad``
-None -> its slot is zero-filled (a zero contribution) and its index is listed
-in ``missing``; a ``.grad`` that is not the view -> copied into the view;
-the view itself (accumulated under no_sync, or kept by
+None, or preset in this backward -> its slot is zero (a zero contribution)
+and its index is listed in ``missing``; a ``.grad`` that is not the view ->
+copied into the view; the view itself (accumulated under no_sync, or kept by
 ``zero_grad(set_to_none=False)``) -> sent as it is, as torch DDP does.
 """
 
@@ -144,6 +155,8 @@ class GradBuckets:
         self.sync = True          # whether the next backward hands buckets over
         self.ready_order: list[int] = []  # parameter indices, in the order their hooks fired in the last backward
         self.missing: list[int] = []      # parameters zero-filled in the current/last synchronised backward
+        self.preset: set[int] = set()     # parameters given their zeroed view in this synchronised backward
+        self.copied = 0                   # gradients copied into their bucket (autograd allocated them)
         self.buckets: list[Bucket] = []
         self._views: list[torch.Tensor] = []
         self._bucket_of: list[int] = []
@@ -229,10 +242,13 @@ class GradBuckets:
             raise RuntimeError(f"{self.names[i]}: sparse gradients are not supported (use a dense embedding)")
         self._views[i].copy_(g)
         p.grad = self._views[i]
+        self.copied += 1
 
     def _on_grad(self, i: int, p: torch.Tensor) -> None:
         if not self._in_backward:
             self._start_backward()
+            if self._syncing:
+                self._preset_views(first=i)
         self._adopt(i, p)
         self.ready_order.append(i)
         if not self._syncing:
@@ -258,6 +274,23 @@ class GradBuckets:
             self._next = 0
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
+    @torch.no_grad()
+    def _preset_views(self, first: int) -> None:
+        """Zeroed views for every ``.grad`` still None ([Note: views before accumulation])."""
+        self.preset = set()
+        for b in self.buckets:
+            idle = [i for i in b.params if i != first and self.params[i].grad is None]
+            if not idle:
+                continue
+            if len(idle) + (first in b.params) == len(b.params):
+                b.flat.zero_()  # the whole bucket is free (first's slot is overwritten when it is adopted)
+            else:
+                for i in idle:
+                    self._views[i].zero_()
+            for i in idle:
+                self.params[i].grad = self._views[i]
+            self.preset.update(idle)
+
     def _advance(self) -> None:
         while self._next < len(self.buckets) and self._pending[self._next] == 0:
             b = self.buckets[self._next]
@@ -280,7 +313,10 @@ class GradBuckets:
     def _settle(self, i: int) -> None:
         """A parameter without a gradient in this backward ([Note: missing gradients])."""
         p = self.params[i]
-        if p.grad is None:
+        if i in self.preset and p.grad is self._views[i]:
+            p.grad = None  # as autograd would have left it; the view is still the zeros it was given
+            self.missing.append(i)
+        elif p.grad is None:
             self._views[i].zero_()
             self.missing.append(i)
         else:

@@ -94,6 +94,7 @@ class DataParallel(nn.Module):
                                   on_ready=self._launch, on_finish=self._finish, tail=len(params),
                                   names=self._names)
         self._waits: list[Callable[[], None]] = []
+        self._picks: dict[tuple[int, torch.dtype], str] = {}
         self._require_sync = True
         self._rebuilt = False
 
@@ -138,7 +139,12 @@ class DataParallel(nn.Module):
         bucket reductions ([Note: streamed calls] in collectives/model.py), the same on every rank."""
         if self.algorithm != "auto":
             return self.algorithm
-        return streamed_algorithm(self.comm, "all_reduce", bucket.flat, self._reduce.wire_dtype(bucket.flat.dtype))
+        key = (bucket.flat.numel(), bucket.flat.dtype)
+        algo = self._picks.get(key)
+        if algo is None:  # a bucket's pick depends only on its size and dtype: plan once, not every step
+            algo = self._picks[key] = streamed_algorithm(self.comm, "all_reduce", bucket.flat,
+                                                         self._reduce.wire_dtype(bucket.flat.dtype))
+        return algo
 
     # -- backward: launch per bucket, finish at the end ---------------------------
 

@@ -125,10 +125,13 @@ def train(comm, opt_name: str, bucket_bytes: int, steps: int = 4, default_comm: 
     if _max_diff(dp.module, ref) != 0:
         problems.append("parameters differ from rank 0's after wrapping")
     layouts = [dp._grads.layout()]
+    copies = []
     for step in range(steps):
         x, y = _batch(step, size, device=dev)
         opt.zero_grad()
+        before = dp._grads.copied
         F.mse_loss(dp(_slice(x, rank)), _slice(y, rank)).backward()
+        copies.append(dp._grads.copied - before)
         for p, v in zip(dp._grads.params, dp._grads._views):
             if p.grad is None or p.grad.data_ptr() != v.data_ptr():
                 problems.append(f"step {step}: a gradient is not a view into its bucket")
@@ -140,7 +143,7 @@ def train(comm, opt_name: str, bucket_bytes: int, steps: int = 4, default_comm: 
     names = dp._names
     plans = [p["algorithm"] for p in dp.bucket_plans()]
     return {"problems": problems, "digest": _digest(dp.module), "layouts": layouts, "names": names,
-            "plans": plans}
+            "plans": plans, "copies": copies}
 
 
 def no_sync(comm, opt_name: str, bucket_bytes: int, steps: int = 3, micro: int = 2) -> list[str]:

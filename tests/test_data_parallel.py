@@ -44,6 +44,7 @@ def test_grad_buckets_hand_over_in_order_and_settle_missing_gradients():
     assert [bk.flat.numel() for bk in grads.buckets] == [8, 8, 4]  # 5, 4+2, 3+1 tail, padded to 4
     (a.sum() + 2 * b.sum() + 3 * c.sum()).backward()
     assert [i for i, _ in ready] == [0, 1, 2] and finished == [[3]]
+    assert grads.copied == 1  # only the first gradient; the others accumulated into their preset views
     assert ready[1][1][:6] == [2.0] * 4 + [0.0, 0.0]  # unused's slot zero-filled
     assert unused.grad is None
     for i, p in enumerate((a, b, c)):
@@ -85,6 +86,9 @@ def test_training_matches_one_process_on_the_global_batch(pool, size):
             assert r["problems"] == [], (opt, bucket_bytes)
         assert len({r["digest"] for r in results}) == 1, "ranks' parameters are not bitwise identical"
         assert all(algo in collectives.ALGORITHMS for algo in results[0]["plans"])
+        # after zero_grad(set_to_none=True) only the first gradient of each backward is copied into its
+        # bucket; autograd accumulates the others straight into their views
+        assert all(r["copies"] == [1] * len(r["copies"]) for r in results), [r["copies"] for r in results]
         # Rebuilt once from rank 0's gradient-ready order, identically everywhere: head (registered
         # first, used last) now fills the first bucket.
         layouts = {repr(r["layouts"]) for r in results}

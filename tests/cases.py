@@ -345,20 +345,10 @@ def compressed(comm, algorithm: str, numel: int, wire: str) -> tuple[str, str]:
     relative error <= 1e-2. Returns (problem or "", digest of the all-reduce result).
     """
     n, r = comm.size, comm.rank
-    u = {"bf16": 2.0**-8, "fp16": 2.0**-11}[wire]
-    xs = [torch.randn(numel, generator=torch.Generator().manual_seed(100 + k), dtype=torch.float64) for k in range(n)]
-    exact = torch.stack(xs).sum(0)
-    bound = (n + 1) * u * torch.stack(xs).abs().sum(0)
+    xs, exact, bound = _wire_reference(n, numel, wire)
     t = xs[r].float().to(comm.device)
     comm.all_reduce(t, algorithm=algorithm, compress=wire)
-    got = t.cpu().double()
-    problems = []
-    err = (got - exact).abs()
-    if not torch.all(err <= bound):
-        problems.append(f"all_reduce: error {err.max().item():.3g} above the bound")
-    rel = (err.norm() / exact.norm()).item()
-    if rel > 1e-2:
-        problems.append(f"all_reduce: relative error {rel:.3g} > 1e-2")
+    problems = _wire_errors("all_reduce", t, exact, bound)
     if algorithm in ("ring", "direct", "halving_doubling", "native") and numel % n == 0:
         out = torch.empty(numel // n, device=comm.device)
         comm.reduce_scatter(out, xs[r].float().to(comm.device), algorithm=algorithm, compress=wire)
@@ -367,6 +357,41 @@ def compressed(comm, algorithm: str, numel: int, wire: str) -> tuple[str, str]:
         if not torch.all(e2 <= bound[r * m:(r + 1) * m]):
             problems.append(f"reduce_scatter: error {e2.max().item():.3g} above the bound")
     return "; ".join(problems), _digest(t.cpu())
+
+
+def _wire_reference(n: int, numel: int, wire: str) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Every rank's float64 input, their exact sum, and the per-element bound of compressed()."""
+    u = {"bf16": 2.0**-8, "fp16": 2.0**-11}[wire]
+    xs = [torch.randn(numel, generator=torch.Generator().manual_seed(100 + k), dtype=torch.float64) for k in range(n)]
+    return xs, torch.stack(xs).sum(0), (n + 1) * u * torch.stack(xs).abs().sum(0)
+
+
+def _wire_errors(what: str, t: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> list[str]:
+    err = (t.cpu().double() - exact).abs()
+    problems = []
+    if not torch.all(err <= bound):
+        problems.append(f"{what}: error {err.max().item():.3g} above the bound")
+    rel = (err.norm() / exact.norm()).item()
+    if rel > 1e-2:
+        problems.append(f"{what}: relative error {rel:.3g} > 1e-2")
+    return problems
+
+
+def pipelined_cast(comm, numel: int, wire: str) -> list[str]:
+    """The compressed native all-reduce in overlapped parts ([Note: pipelined casts] in native.py), for
+    1..5 parts of an odd count: within compressed()'s bound of the float64 sum, whatever the split."""
+    import torch.distributed as dist
+
+    from collectives.native import _pipelined_all_reduce
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[wire]
+    xs, exact, bound = _wire_reference(comm.size, numel, wire)
+    problems = []
+    for parts in range(1, 6):
+        t = xs[comm.rank].float().to(comm.device)
+        _pipelined_all_reduce(comm.group, dist.ReduceOp.SUM, t, dtype, parts)
+        problems += _wire_errors(f"{parts} parts", t, exact, bound)
+    return problems
 
 
 def dead_peer(comm, timeout_s: float) -> str:

@@ -5,7 +5,7 @@ world_size, ...) and rows (op, algorithm, bytes, count, dtype, time_us, algbw,
 busbw, wrong, predicted_us, in_place). Two fits:
 
 - our algorithms: a prediction is linear in theta = [call, step, alpha_intra,
-  alpha_inter, 1/B_intra, 1/B_inter, 1/R, 1/B_pair, sched] once each round's
+  alpha_inter, 1/B_intra, 1/B_inter, 1/R, 1/B_pair, sched, msg] once each round's
   slowest line is fixed ([Note: structural lines] in model.py), so
   theta is a non-negative least-squares fit of relative error, re-linearised
   a few times. Columns the rows cannot tell apart keep their defaults
@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from .model import (_WORLD_FIELDS, THETA, CostModel, Params, _theta, coefficients, default_params, evaluate,
-                    native_structs)
+from .model import (_WORLD_FIELDS, SETUP, THETA, CostModel, Params, _theta, coefficients, default_params,
+                    evaluate, native_structs)
 from .schedule import Collective
 from .topology import Topology, from_reports, usable_cpus
 
@@ -113,9 +113,12 @@ def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, 
         a, bl, br = coefficients(L, theta)
         j = int(np.argmax(a + (bl + br) * nbytes))
         tier, m = int(L[j, 0]), L[j, 3]
+        x[6] += count * m * 3 * L[j, 2] * nbytes
+        if tier == SETUP:  # a buffer copy outside the rounds ([Note: set-up copies] in rounds.py)
+            continue
         x[1] += count
         x[8] += count * (m > 1)
-        x[6] += count * m * 3 * L[j, 2] * nbytes
+        x[9] += count * L[j, 4]
         if tier != 2:
             x[2 + (tier == 1)] += count
             stretch = 1 if tier == 1 else m  # [Note: CPU stretch]: a wire is not slowed by busy cores
@@ -222,7 +225,7 @@ def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
                           for model in (CostModel(topo, backend, profile=_params(params, theta)),)
                           for r in rows])
             # alpha_intra rides with the step overhead (the same column on one node); fit what the rows exercise.
-            free = [j for j in (0, 1, 3, 4, 5, 6, 7, 8) if np.any(X[:, j] > 0)]
+            free = [j for j in (0, 1, 3, 4, 5, 6, 7, 8, 9) if np.any(X[:, j] > 0)]
             fixed = [j for j in range(len(THETA)) if j not in free]
             sol = nnls(X[:, free] / t[:, None], (t - X[:, fixed] @ theta[fixed]) / t)
             new = theta.copy()
@@ -245,7 +248,7 @@ def _fit_native_step(rows: list[dict[str, Any]], topo: Topology, backend: str, p
                      min_bytes: int) -> Params:
     """The backend's own per-step cost, with the link parameters fixed: prices native at other world sizes."""
     model = CostModel(topo, backend, profile=replace(params, native={}))
-    theta, num, den = model._theta("float32"), 0.0, 0.0
+    theta, num, den = model._native_theta("float32"), 0.0, 0.0
     for r in rows:
         if r["algorithm"] != "native" or r["bytes"] < min_bytes:
             continue
@@ -262,7 +265,8 @@ def _params(p: Params, theta: np.ndarray) -> Params:
     return replace(p, call_overhead=float(theta[0]), step_overhead=float(theta[1]), intra_alpha=float(theta[2]),
                    inter_alpha=float(theta[3]), intra_bandwidth=float(1 / theta[4]),
                    inter_bandwidth=float(1 / theta[5]), reduce_bandwidth=float(1 / theta[6]),
-                   pair_bandwidth=float(1 / theta[7]), oversubscribed_step=float(theta[8]))
+                   pair_bandwidth=float(1 / theta[7]), oversubscribed_step=float(theta[8]),
+                   message_overhead=float(theta[9]))
 
 
 def load_rows(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -437,6 +441,9 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--topology", default=None,
                    help="topology JSON of the measured machine (python -m collectives topology --save), "
                         "for sweeps whose header does not carry one; a sweep over fewer ranks gets its first ranks")
+    f.add_argument("--min-bytes", type=int, default=_MIN_BYTES,
+                   help=f"fit rows of at least this many bytes (default {_MIN_BYTES}); host backends' small "
+                        "rows pin the per-call and per-message costs ([Note: messages] in rounds.py)")
     f.add_argument("--per-world", action="store_true",
                    help="fit each world size's sweeps on their own (one profile; see [Note: per-world profiles])")
     a = ap.parse_args(argv)
@@ -455,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = [load_rows(path) for path in a.rows]
     backend = a.backend or loaded[0][0].get("backend", "gloo")
     sweeps = [(_sweep_topology(header, a.topology), rows) for header, rows in loaded]
-    params, summary = (fit_per_world if a.per_world else fit_sweeps)(sweeps, backend)
+    params, summary = (fit_per_world if a.per_world else fit_sweeps)(sweeps, backend, min_bytes=a.min_bytes)
     meta = {k: v for k, v in summary.items() if k != "ratios"}
     headers = [{k: v for k, v in header.items() if k != "topology"} for header, _ in loaded]
     meta.update(header=headers[0] if len(headers) == 1 else headers, topology=sweeps[-1][0].to_json(),

@@ -13,7 +13,7 @@ an upper bound where ranks drift).
 
 [Note: structural lines] Pricing is split into a size- and parameter-free
 part, cached per (algorithm, collective, layout), and a cheap evaluation. The
-first reduces every round to a few "lines" (tier, f, r, m):
+first reduces every round to a few "lines" (tier, f, r, m, q):
 
 - f: the fraction of the buffer on the busiest resource of a transfer, of
   tier 0 (a device's port into the node's fabric), 1 (a NIC), 3 (the pair of
@@ -23,16 +23,23 @@ first reduces every round to a few "lines" (tier, f, r, m):
 - r: the fraction the rank reduces;
 - m = busy ranks / cores >= 1 where a host has more ranks working in the round
   than cores (CPU ranks: gloo's copies and the reductions slow down m times,
-  and a rank waiting on a descheduled peer pays a scheduler slice per step).
+  and a rank waiting on a descheduled peer pays a scheduler slice per step);
+- q: the messages (transfers sent or received) the busier end handles in the
+  round, at least its host's messages over its cores ([Note: messages] in
+  rounds.py): direct's n-1 sends and n-1 receives a round cost more host work
+  than halving-doubling's one of each, which a per-round cost cannot tell.
 
 With parameters theta a line costs
-``step + alpha[tier] + [m > 1] sched + (w f / B[tier] + m 3 r / R) nbytes``, with
+``step + alpha[tier] + [m > 1] sched + q msg + (w f / B[tier] + m 3 r / R) nbytes``, with
 w = m for the host-bound tiers 0 and 3 and w = 1 for a NIC (tier 1): a slow
 host does not slow the wire ([Note: CPU stretch] in rounds.py; an
 oversubscribed inter-node transfer also gets a tier-0 line for the host's copy
 of its bytes, so the slower of the two binds). A call adds a fixed ``call``
-overhead, so a prediction is linear in theta once each round's slowest line is
-known; calibrate.py fits theta that way.
+overhead, and buffer copies outside the rounds one line of tier 4 (SETUP: 2/3
+r per byte copied, nothing else; [Note: set-up copies] in rounds.py), so a
+prediction is linear in theta once each round's slowest line is known;
+calibrate.py fits theta that way. ``msg`` (Params.message_overhead) is 0 unless
+fitted, so profiles and backends without it price as before.
 Identical rounds are stored once with a count: a 1,024-rank ring costs one
 round of work.
 
@@ -59,11 +66,11 @@ from typing import Any
 import numpy as np
 
 from . import algorithms
-from .native_model import nccl_options, native_structs
+from .native_model import direct_struct, nccl_options, native_structs, pairwise_struct
 # calibrate.py and the tests also reach coefficients, round_lines and schedule_rounds through this module.
-from .rounds import (Struct, _Layout, binomial_struct, breakdown, chain_struct, coefficients, direct_struct,
-                     evaluate, hd_struct, hierarchical_struct, pairwise_struct, price_schedule, ring_struct,
-                     round_lines, schedule_rounds, tree_all_reduce_struct)
+from .rounds import (SETUP, Struct, _Layout, binomial_struct, breakdown, chain_struct, coefficients, evaluate,
+                     hd_struct, hierarchical_struct, join, messages, price_schedule, ring_struct, round_lines,
+                     schedule_rounds, setup_struct, tree_all_reduce_struct)
 from .schedule import Collective
 from .topology import Topology
 
@@ -88,6 +95,7 @@ class Params:
     native_step: float        # s per step inside the backend's own collectives (gloo, MPI)
     call_overhead: float = 0.0  # s per collective call through the Communicator, any algorithm
     oversubscribed_step: float = 1e-3  # s more per step when a host's busy ranks outnumber its cores
+    message_overhead: float = 0.0  # s of host work per message a rank sends or receives ([Note: messages])
     nodes: int = 1            # nodes of the run it was calibrated on: one node measures no inter-node link
     native: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # world -> op -> [alpha, s/byte]
     # world -> fields fitted on that many ranks of the same machine ([Note: per-world profiles])
@@ -146,7 +154,8 @@ _STREAMED_NATIVE_MARGIN = 1.05
 # machine, which replace the base fields for a communicator of that size; a world size without
 # its own keeps the base (the largest measured).
 _WORLD_FIELDS = ("call_overhead", "step_overhead", "intra_alpha", "inter_alpha", "intra_bandwidth",
-                 "inter_bandwidth", "pair_bandwidth", "reduce_bandwidth", "oversubscribed_step", "native_step")
+                 "inter_bandwidth", "pair_bandwidth", "reduce_bandwidth", "oversubscribed_step", "native_step",
+                 "message_overhead")
 
 
 def for_world(p: Params, world_size: int) -> Params:
@@ -169,14 +178,14 @@ def for_topology(p: Params, topo: Topology) -> Params:
                    source=f"{p.source} + inter-node {topo.nic.kind} from the topology")
 
 
-THETA = ("call", "step", "alpha_intra", "alpha_inter", "1/B_intra", "1/B_inter", "1/R", "1/B_pair", "sched")
+THETA = ("call", "step", "alpha_intra", "alpha_inter", "1/B_intra", "1/B_inter", "1/R", "1/B_pair", "sched", "msg")
 
 
 def _theta(p: Params, dtype_slow: float = 1.0) -> np.ndarray:
     """Parameters in the order of THETA (what calibrate.py fits)."""
     return np.array([p.call_overhead, p.step_overhead, p.intra_alpha, p.inter_alpha, 1 / p.intra_bandwidth,
                      1 / p.inter_bandwidth, dtype_slow / p.reduce_bandwidth, 1 / p.pair_bandwidth,
-                     p.oversubscribed_step])
+                     p.oversubscribed_step, p.message_overhead])
 
 
 # ---------------------------------------------------------------------------
@@ -264,6 +273,13 @@ class CostModel:
         half = _dtype_name(dtype) in ("float16", "bfloat16") and self.topology.devices[0] == "cpu"
         return _theta(self.params, _CPU_HALF_SLOWDOWN if half else 1.0)
 
+    def _native_theta(self, dtype: Any) -> np.ndarray:
+        """theta for the backend's own algorithms: its own per-step cost, and none of our transport's
+        per-message cost (gloo and MPI move their messages themselves; native_step covers them)."""
+        theta = self._theta(dtype)
+        theta[1], theta[9] = self.params.native_step, 0.0
+        return theta
+
     def struct(self, coll: Collective, algorithm: str, pipeline: int = 1) -> Struct:
         """Structural lines of our ``algorithm`` (cached across models of the same layout)."""
         key = (self._lay.key, coll, algorithm, pipeline, _GENERIC_ONLY)
@@ -292,8 +308,8 @@ class CostModel:
         if self.backend == "nccl":
             call = self.params.call_overhead
             return [(lab, call + lat + S / bw) for lab, lat, bw, _ in nccl_options(self.topology, coll)]
-        theta = self._theta(dtype)
-        return [(label, evaluate(self._native_struct(coll, label, make), theta, S, step=self.params.native_step))
+        theta = self._native_theta(dtype)
+        return [(label, evaluate(self._native_struct(coll, label, make), theta, S))
                 for label, make in native_structs(self.backend, self._lay, coll)]
 
     def _native_struct(self, coll: Collective, label: str, make) -> Struct:
@@ -408,8 +424,7 @@ class CostModel:
             lab, lat, bw, tier = min(nccl_options(self.topology, coll), key=lambda o: o[1] + nbytes / o[2])
             return {"latency": self.params.call_overhead + lat, "intra": 0.0, "inter": 0.0, "reduce": 0.0,
                     tier: nbytes / bw, "variant": lab}
-        S, theta = np.array([float(nbytes)]), self._theta(dtype)
-        theta[1] = self.params.native_step
+        S, theta = np.array([float(nbytes)]), self._native_theta(dtype)
         lab, struct = min(((label, self._native_struct(coll, label, make))
                            for label, make in native_structs(self.backend, self._lay, coll)),
                           key=lambda o: evaluate(o[1], theta, S)[0])
@@ -450,10 +465,10 @@ def _structure(lay: _Layout, nodes: tuple, coll: Collective, algorithm: str, pip
             ("direct", C.ALL_GATHER): lambda: direct_struct(lay, coll),
             ("pairwise", C.ALL_TO_ALL): lambda: pairwise_struct(lay)}.get((algorithm, coll))
     out = fast() if fast is not None and not _GENERIC_ONLY else None
-    if out is not None:
-        return out
-    s = algorithms.build(algorithm, coll, len(lay.node), root=0, nodes=nodes, pipeline=pipeline)
-    return price_schedule(s, lay)
+    if out is None:
+        s = algorithms.build(algorithm, coll, len(lay.node), root=0, nodes=nodes, pipeline=pipeline)
+        out = price_schedule(s, lay)
+    return join(out, setup_struct(lay, coll)) if out else out
 
 
 _GENERIC_ONLY = False  # tests flip it to price every algorithm from its Schedule

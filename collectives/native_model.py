@@ -4,15 +4,20 @@ NCCL is priced from its tuning model (src/graph/tuning.cc): ring/tree x
 LL/LL128/Simple, with multi-channel rings (one channel per NIC, so rings leave
 each node through every NIC). gloo's and MPICH's algorithms are given as
 Structs built from rounds.py's generators, which model.py prices like our own
-and takes the fastest of.
+and takes the fastest of. The all-at-once structures (direct, pairwise,
+gather) live here too: our direct and pairwise algorithms use them as well.
 """
 
 from __future__ import annotations
 
 import math
 
-from .rounds import (Struct, _Layout, binomial_struct, direct_struct, gather_struct, hd_struct, join,
-                     pairwise_struct, ring_struct)
+from collections import Counter
+
+import numpy as np
+
+from .rounds import (Struct, _collect, _Layout, _pareto, binomial_struct, hd_struct, join, ring_struct,
+                     round_lines, setup_struct)
 from .schedule import Collective
 from .topology import Topology
 
@@ -79,8 +84,10 @@ def native_structs(backend: str, lay: _Layout, coll: Collective) -> list[tuple[s
     pow2 = len(lay.node) & (len(lay.node) - 1) == 0
     if backend == "gloo":
         return [{C.ALL_REDUCE: ("ring", lambda: ring_struct(lay, C.ALL_REDUCE)),
-                 # gloo's reduce-scatter is an all-reduce of the whole buffer plus a slice
-                 C.REDUCE_SCATTER: ("allreduce+slice", lambda: ring_struct(lay, C.ALL_REDUCE)),
+                 # gloo's reduce-scatter is an all-reduce of a copy of the whole buffer plus a slice: the
+                 # same copies as ours ([Note: set-up copies] in rounds.py)
+                 C.REDUCE_SCATTER: ("allreduce+slice", lambda: join(ring_struct(lay, C.ALL_REDUCE),
+                                                                    setup_struct(lay, C.REDUCE_SCATTER))),
                  C.ALL_GATHER: ("ring", lambda: ring_struct(lay, C.ALL_GATHER)),
                  C.BROADCAST: ("binomial", lambda: binomial_struct(lay, 1, False)),
                  C.REDUCE: ("ring-rs+gather", lambda: join(ring_struct(lay, C.REDUCE_SCATTER), gather_struct(lay))),
@@ -101,3 +108,60 @@ def native_structs(backend: str, lay: _Layout, coll: Collective) -> list[tuple[s
                       ("rs+gather", lambda: join(hd_struct(lay, C.REDUCE_SCATTER), gather_struct(lay)))],
            C.ALL_TO_ALL: [("pairwise", lambda: pairwise_struct(lay))]}[coll]
     return fam
+
+
+# -- all-at-once structures (ours and the backends') -------------------------
+
+def direct_struct(lay: _Layout, coll: Collective) -> Struct:
+    """algorithms/direct.py: every rank sends 1/n to every other at once (reduce-scatter reduces
+    the n-1 arrivals; all-reduce is reduce-scatter then all-gather)."""
+    n = len(lay.node)
+    if n < 2:
+        return ()
+    red = (n - 1) / n
+    if lay.cpus:  # ranks share CPUs: price the n(n-1) transfers one by one
+        src = np.repeat(np.arange(n), n - 1)
+        dst = (src + np.tile(np.arange(1, n), n)) % n
+        rs = round_lines(lay, src, dst, 1 / n, np.arange(n), red)
+        ag = round_lines(lay, src, dst, 1 / n)
+    else:  # uniform r and m: each tier's busiest resource decides, so count loads directly
+        local = np.bincount(lay.node)[lay.node]             # ranks on each rank's node
+        nic = np.bincount(lay.nic, (n - local) / n)         # each NIC: its ranks' traffic to other nodes
+        rows = [(0.0, (local.max() - 1) / n), (3.0, 1 / n)] if local.max() > 1 else []
+        rows += [(1.0, nic.max())] if nic.max() > 0 else []
+        q = 2.0 * (n - 1)  # every rank sends n-1 messages and receives n-1
+        rs = _pareto(np.array([(t, f, red, 1.0, q) for t, f in rows]))
+        ag = _pareto(np.array([(t, f, 0.0, 1.0, q) for t, f in rows]))
+    return _collect({Collective.REDUCE_SCATTER: [rs], Collective.ALL_GATHER: [ag]}.get(coll, [rs, ag]))
+
+
+def pairwise_struct(lay: _Layout) -> Struct:
+    """algorithms/pairwise.py: in round s rank r sends its block for r+s to r+s."""
+    n = len(lay.node)
+    if n < 2:
+        return ()
+    r = np.arange(n)
+    if lay.cpus:
+        return _collect([round_lines(lay, r, (r + s) % n, 1 / n) for s in range(1, n)])
+    # No reductions, so a round's lines are its busiest port per tier: vectorise over all rounds.
+    src = np.broadcast_to(r, (n - 1, n))
+    dst = (src + np.arange(1, n)[:, None]) % n
+    inter = lay.node[src] != lay.node[dst]
+    m = n + int(lay.nic.max()) + 1
+    off = (np.arange(n - 1) * m)[:, None]
+    ptx = np.where(inter, n + lay.nic[src], src) + off
+    prx = np.where(inter, n + lay.nic[dst], dst) + off
+    load = np.maximum(np.bincount(ptx.ravel(), minlength=m * (n - 1))[ptx],
+                      np.bincount(prx.ravel(), minlength=m * (n - 1))[prx]) / n
+    counts: Counter = Counter()  # one transfer per pair a round: the pair line carries 1/n
+    for a, b in zip(np.where(inter, 0.0, load).max(axis=1), np.where(inter, load, 0.0).max(axis=1)):
+        # every rank sends one message and receives one
+        rows = ((0.0, a, 0.0, 1.0, 2.0), (1.0, b, 0.0, 1.0, 2.0), (3.0, 1 / n if a > 0 else 0.0, 0.0, 1.0, 2.0))
+        counts[tuple(row for row in rows if row[1] > 0)] += 1
+    return tuple((c, np.array(key)) for key, c in counts.items())
+
+
+def gather_struct(lay: _Layout) -> Struct:
+    """Every rank sends its 1/n block to rank 0 in one round (the tail of gloo's reduce)."""
+    n = len(lay.node)
+    return _collect([round_lines(lay, np.arange(1, n), np.zeros(n - 1, np.int64), 1 / n)]) if n > 1 else ()

@@ -3,11 +3,12 @@
 What [Note: structural lines] in model.py describes: a Layout (rank -> node,
 NIC and host), the lines (tier, f, r, m) of one round of transfers and
 reductions, the evaluation of a Struct (rounds with counts) at given sizes and
-parameters, the rounds of any registry Schedule (the generic path), and the
-rounds of ring, chain, tree, halving-doubling, hierarchical, direct and
-pairwise structures generated directly for any world size. model.py caches
-these per layout and prices them; native_model.py builds the backends' own
-algorithms from them.
+parameters, the rounds of any registry Schedule (the generic path), the rounds of
+ring, chain, tree, halving-doubling and hierarchical structures generated
+directly for any world size, and the set-up copies around them. model.py
+caches these per layout and prices them; native_model.py holds the
+all-at-once structures (direct, pairwise, gather) and builds the backends' own
+algorithms from all of them.
 """
 
 from __future__ import annotations
@@ -20,18 +21,21 @@ import numpy as np
 from .schedule import Collective, Recv, Schedule, Send
 from .topology import Topology
 
-_TIERS = ("intra", "inter", "local", "intra")  # tier 3 (a pair of devices) is intra-node too
+_TIERS = ("intra", "inter", "local", "intra", "local")  # tier 3 (a pair of devices) is intra-node too
+SETUP = 4  # the tier of a collective's buffer copies outside its rounds ([Note: set-up copies])
 
 
 def coefficients(L: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per line (theta in the order of model.THETA): latency a, seconds per byte over its link, seconds per byte of reduction."""
     t, m = L[:, 0].astype(int), L[:, 3]
-    a = theta[1] + np.array([theta[2], theta[3], 0.0, theta[2]])[t] + (m > 1) * theta[8]
+    # q (column 4) already counts the host's share of messages ([Note: messages]): not stretched by m
+    a = theta[1] + np.array([theta[2], theta[3], 0.0, theta[2], 0.0])[t] + (m > 1) * theta[8] + L[:, 4] * theta[9]
+    a = np.where(t == SETUP, 0.0, a)  # a set-up copy is no round ([Note: set-up copies])
     # [Note: CPU stretch] m slows what the host's cores do (intra-node copies, reductions, scheduling),
     # not the inter-node wire: bytes over a NIC (tier 1) move at the link's rate. The host's side of
     # those bytes is priced by the tier-0 line _lines adds beside an oversubscribed inter-node transfer.
     wire = np.where(t == 1, 1.0, m)
-    return a, wire * L[:, 1] * np.array([theta[4], theta[5], 0.0, theta[7]])[t], m * 3 * L[:, 2] * theta[6]
+    return a, wire * L[:, 1] * np.array([theta[4], theta[5], 0.0, theta[7], 0.0])[t], m * 3 * L[:, 2] * theta[6]
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class _Layout:
         return np.maximum(1.0, per_host[self.host] / self.cpus)
 
 
-Struct = tuple[tuple[int, np.ndarray], ...]  # ((count, lines (k, 4)), ...)
+Struct = tuple[tuple[int, np.ndarray], ...]  # ((count, lines (k, 5): tier, f, r, m, q), ...)
 
 
 def edge_loads(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.ndarray) -> np.ndarray:
@@ -88,7 +92,7 @@ def edge_loads(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.
     return np.column_stack([inter.astype(float), port, np.where(inter, 0.0, pair)])
 
 
-def _lines(loads: np.ndarray, r: np.ndarray, m: np.ndarray) -> np.ndarray:
+def _lines(loads: np.ndarray, r: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Lines of transfers: one on the port or NIC (tier 0/1), one on the pair for intra-node ones (tier 3).
 
     An inter-node transfer whose ends share oversubscribed cores (m > 1) also gets a tier-0 line: the
@@ -98,9 +102,26 @@ def _lines(loads: np.ndarray, r: np.ndarray, m: np.ndarray) -> np.ndarray:
     """
     intra = loads[:, 0] == 0
     host = ~intra & (m > 1)
-    return np.concatenate([np.column_stack([loads[:, 0], loads[:, 1], r, m]),
-                           np.column_stack([np.full(intra.sum(), 3.0), loads[intra, 2], r[intra], m[intra]]),
-                           np.column_stack([np.zeros(host.sum()), loads[host, 1], r[host], m[host]])])
+    return np.concatenate([np.column_stack([loads[:, 0], loads[:, 1], r, m, q]),
+                           np.column_stack([np.full(intra.sum(), 3.0), loads[intra, 2], r[intra], m[intra], q[intra]]),
+                           np.column_stack([np.zeros(host.sum()), loads[host, 1], r[host], m[host], q[host]])])
+
+
+# [Note: messages]
+# Every transfer is a message at each end: the executor posts it and, on CPU, the shared-memory
+# transport copies it into or out of a slot and rings a doorbell, one message after another on the
+# host. That host work is charged per message, not per round: direct handles n-1 sends and n-1
+# receives a round, halving-doubling and ring one of each. A rank handles its own messages in turn;
+# where ranks share cores (lay.cpus) the cores also handle the other local ranks' messages, so a rank
+# waits for at least its host's messages divided among the cores (4 ranks on 2 cores: 24 / 2 = 12 for
+# a round of direct, 8 / 2 = 4 for one of halving-doubling). A line's q is the larger at either end.
+def messages(lay: _Layout, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Per rank, the messages of one round it waits for ([Note: messages])."""
+    n = len(lay.node)
+    own = (np.bincount(src, minlength=n) + np.bincount(dst, minlength=n)).astype(float)
+    if not lay.cpus:
+        return own
+    return np.maximum(own, np.bincount(lay.host, own)[lay.host] / lay.cpus)
 
 
 def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.ndarray,
@@ -111,6 +132,8 @@ def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np
     if red_rank is not None and len(red_rank):
         np.add.at(red, np.asarray(red_rank, np.int64), np.broadcast_to(red_frac, np.shape(red_rank)))
     src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
+    moving = np.broadcast_to(np.asarray(frac, float), src.shape) > 0  # the executor skips empty transfers
+    q = messages(lay, src[moving], dst[moving])
     busy = np.zeros(n, bool)
     busy[src] = True
     busy[dst] = True
@@ -118,24 +141,29 @@ def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np
     busy[lonely] = True
     m = lay.stretch(busy)
     # Both ends of a transfer wait for it; the end that also reduces more finishes last.
-    lines = [_lines(edge_loads(lay, src, dst, frac), np.maximum(red[src], red[dst]), np.maximum(m[src], m[dst])),
-             np.column_stack([np.full(len(lonely), 2.0), np.zeros(len(lonely)), red[lonely], m[lonely]])]
+    lines = [_lines(edge_loads(lay, src, dst, frac), np.maximum(red[src], red[dst]), np.maximum(m[src], m[dst]),
+                    np.maximum(q[src], q[dst])),
+             np.column_stack([np.full(len(lonely), 2.0), np.zeros(len(lonely)), red[lonely], m[lonely], q[lonely]])]
     out = np.concatenate(lines)
-    return _pareto(out) if len(out) else np.zeros((0, 4))
+    return _pareto(out) if len(out) else np.zeros((0, 5))
 
 
 def _pareto(lines: np.ndarray) -> np.ndarray:
-    """Drop lines that another line of the same tier and stretch beats in both f and r (vectorised)."""
+    """Drop lines that another line of the same tier, stretch and messages beats in both f and r (vectorised)."""
     lines = np.round(lines, 12)
     keep = []
-    for t in range(4):
+    for t in np.unique(lines[:, 0]):
         sel = lines[lines[:, 0] == t]
-        for m in np.unique(sel[:, 3]):
-            sub = sel[sel[:, 3] == m] if sel[:, 3].min() != sel[:, 3].max() else sel
+        keys = sel[:, 3] + 1j * sel[:, 4]
+        groups = np.unique(keys)
+        for g in groups:
+            m, q = g.real, g.imag
+            sub = sel if len(groups) == 1 else sel[keys == g]
             z = np.unique(sub[:, 1] + 1j * sub[:, 2])[::-1]  # distinct (f, r): f descending, then r
             best_r = np.maximum.accumulate(np.concatenate([[-1.0], z.imag[:-1]]))
             z = z[z.imag > best_r]
-            keep.append(np.column_stack([np.full(len(z), float(t)), z.real, z.imag, np.full(len(z), m)]))
+            keep.append(np.column_stack([np.full(len(z), float(t)), z.real, z.imag, np.full(len(z), m),
+                                         np.full(len(z), q)]))
     return np.concatenate(keep)
 
 
@@ -170,7 +198,7 @@ def breakdown(struct: Struct, theta: np.ndarray, nbytes: float) -> dict[str, flo
         j = int(np.argmax(a + (bl + br) * nbytes))
         out["latency"] += count * a[j]
         out["reduce"] += count * br[j] * nbytes
-        if int(L[j, 0]) != 2:
+        if int(L[j, 0]) not in (2, SETUP):
             out[_TIERS[int(L[j, 0])]] += count * bl[j] * nbytes
     return out
 
@@ -274,9 +302,10 @@ def chain_struct(lay: _Layout, pipeline: int, first: int = 0, reduce: bool = Fal
     counts: Counter = Counter()
     for t in range(k + n - 2):
         lo, hi = max(0, t - k + 1), min(t, n - 2)
-        counts[tuple(np.flatnonzero(prefix[hi + 1] - prefix[lo]))] += 1
-    return tuple((c, _pareto(_lines(kinds[list(key)], np.full(len(key), r), np.ones(len(key)))))
-                 for key, c in counts.items())
+        # the window's edges are consecutive: with two or more, every edge has an end that sends and receives
+        counts[tuple(np.flatnonzero(prefix[hi + 1] - prefix[lo])), 1 + (hi > lo)] += 1
+    return tuple((c, _pareto(_lines(kinds[list(key)], np.full(len(key), r), np.ones(len(key)), np.full(len(key), q))))
+                 for (key, q), c in counts.items())
 
 
 def windowed_struct(lay: _Layout, src: np.ndarray, dst: np.ndarray, start: np.ndarray, pipeline: int,
@@ -380,9 +409,13 @@ def hd_struct(lay: _Layout, coll: Collective, full: bool = False) -> Struct:
         first = (t // group) * group
         return hi[first + group - 1] - lo[first]
 
+    # The fold moves all blocks but the even rank's own: those before it and those after (rank 0: after)
+    fold_src = np.concatenate([even[1:], even])
+    fold_dst = np.concatenate([odd[1:], odd])
+    fold_frac = np.concatenate([even[1:] / n, (n - 1 - even) / n])
     if coll is Collective.REDUCE_SCATTER:
         if r:
-            rounds.append(round_lines(lay, even, odd, (n - 1) / n, odd, (n - 1) / n))
+            rounds.append(round_lines(lay, fold_src, fold_dst, fold_frac, odd, (n - 1) / n))
         for i in range(k):  # distances m/2, ..., 1: groups of m >> (i+1) survivors
             d = m >> (i + 1)
             f = span(d, s ^ d) / n
@@ -396,7 +429,7 @@ def hd_struct(lay: _Layout, coll: Collective, full: bool = False) -> Struct:
             d = m >> (i + 1)
             rounds.append(round_lines(lay, surv, surv[s ^ d], span(d, s) / n))
         if r:
-            rounds.append(round_lines(lay, odd, even, (n - 1) / n))
+            rounds.append(round_lines(lay, fold_dst, fold_src, fold_frac))
     return _collect(rounds)
 
 
@@ -423,68 +456,15 @@ def hierarchical_struct(lay: _Layout, nodes: tuple[tuple[int, ...], ...], parts:
             active[i] += 1
         key = tuple(active)
         if key not in lines:
-            used = [i for i, c in enumerate(active) if c]
-            moved = {i: np.full(len(src), active[i] * phases[i][1] / parts) for i in used}
+            # one transfer per part in each phase (each its own message), each moving 1/parts of the phase's share
+            used = [i for i, c in enumerate(active) for _ in range(c)]
             red = [i for i in used if phases[i][2]]
             lines[key] = round_lines(lay, np.tile(src, len(used)), np.concatenate([phases[i][0] for i in used]),
-                                     np.concatenate([moved[i] for i in used]),
+                                     np.repeat([phases[i][1] / parts for i in used], len(src)),
                                      np.concatenate([phases[i][0] for i in red]) if red else None,
-                                     np.concatenate([moved[i] for i in red]) if red else 0.0)
+                                     np.repeat([phases[i][1] / parts for i in red], len(src)) if red else 0.0)
         rounds.append(lines[key])
     return _collect(rounds)
-
-
-def direct_struct(lay: _Layout, coll: Collective) -> Struct:
-    """algorithms/direct.py: every rank sends 1/n to every other at once (reduce-scatter reduces
-    the n-1 arrivals; all-reduce is reduce-scatter then all-gather)."""
-    n = len(lay.node)
-    if n < 2:
-        return ()
-    red = (n - 1) / n
-    if lay.cpus:  # ranks share CPUs: price the n(n-1) transfers one by one
-        src = np.repeat(np.arange(n), n - 1)
-        dst = (src + np.tile(np.arange(1, n), n)) % n
-        rs = round_lines(lay, src, dst, 1 / n, np.arange(n), red)
-        ag = round_lines(lay, src, dst, 1 / n)
-    else:  # uniform r and m: each tier's busiest resource decides, so count loads directly
-        local = np.bincount(lay.node)[lay.node]             # ranks on each rank's node
-        nic = np.bincount(lay.nic, (n - local) / n)         # each NIC: its ranks' traffic to other nodes
-        rows = [(0.0, (local.max() - 1) / n), (3.0, 1 / n)] if local.max() > 1 else []
-        rows += [(1.0, nic.max())] if nic.max() > 0 else []
-        rs = _pareto(np.array([(t, f, red, 1.0) for t, f in rows]))
-        ag = _pareto(np.array([(t, f, 0.0, 1.0) for t, f in rows]))
-    return _collect({Collective.REDUCE_SCATTER: [rs], Collective.ALL_GATHER: [ag]}.get(coll, [rs, ag]))
-
-
-def pairwise_struct(lay: _Layout) -> Struct:
-    """algorithms/pairwise.py: in round s rank r sends its block for r+s to r+s."""
-    n = len(lay.node)
-    if n < 2:
-        return ()
-    r = np.arange(n)
-    if lay.cpus:
-        return _collect([round_lines(lay, r, (r + s) % n, 1 / n) for s in range(1, n)])
-    # No reductions, so a round's lines are its busiest port per tier: vectorise over all rounds.
-    src = np.broadcast_to(r, (n - 1, n))
-    dst = (src + np.arange(1, n)[:, None]) % n
-    inter = lay.node[src] != lay.node[dst]
-    m = n + int(lay.nic.max()) + 1
-    off = (np.arange(n - 1) * m)[:, None]
-    ptx = np.where(inter, n + lay.nic[src], src) + off
-    prx = np.where(inter, n + lay.nic[dst], dst) + off
-    load = np.maximum(np.bincount(ptx.ravel(), minlength=m * (n - 1))[ptx],
-                      np.bincount(prx.ravel(), minlength=m * (n - 1))[prx]) / n
-    counts: Counter = Counter()  # one transfer per pair a round: the pair line carries 1/n
-    for a, b in zip(np.where(inter, 0.0, load).max(axis=1), np.where(inter, load, 0.0).max(axis=1)):
-        rows = ((0.0, a, 0.0, 1.0), (1.0, b, 0.0, 1.0), (3.0, 1 / n if a > 0 else 0.0, 0.0, 1.0))
-        counts[tuple(row for row in rows if row[1] > 0)] += 1
-    return tuple((c, np.array(key)) for key, c in counts.items())
-
-
-def gather_struct(lay: _Layout) -> Struct:
-    """Every rank sends its 1/n block to rank 0 in one round (the tail of gloo's reduce)."""
-    n = len(lay.node)
-    return _collect([round_lines(lay, np.arange(1, n), np.zeros(n - 1, np.int64), 1 / n)]) if n > 1 else ()
 
 
 def join(*parts: Struct) -> Struct:
@@ -495,3 +475,24 @@ def join(*parts: Struct) -> Struct:
             counts[L.tobytes()] += c
             arrays[L.tobytes()] = L
     return tuple((c, arrays[k]) for k, c in counts.items())
+
+
+# [Note: set-up copies]
+# execute.run_collective copies outside the rounds: reduce-scatter reduces a clone of its input and
+# copies its block out, reduce clones the buffer on every rank but the root, all-gather and
+# all-to-all copy the rank's own block. Copying x bytes moves 2x bytes of memory, priced like a
+# reduction (3 bytes of traffic per byte) as a line reducing 2x/3, in tier SETUP: no step, latency or
+# message. On 2 x H200 reduce-scatter of 1 GiB ran 1.3 ms over its rounds: the copies at ~2 TB/s.
+_SETUP_COPY = {Collective.REDUCE_SCATTER: lambda n: 1 + 1 / n, Collective.REDUCE: lambda n: 1.0,
+               Collective.ALL_GATHER: lambda n: 1 / n, Collective.ALL_TO_ALL: lambda n: 1 / n}
+
+
+def setup_struct(lay: _Layout, coll: Collective, root: int = 0) -> Struct:
+    """The buffer copies run_collective makes around our schedules, as one SETUP line ([Note: set-up copies])."""
+    n = len(lay.node)
+    copy = _SETUP_COPY.get(coll)
+    if copy is None or n < 2:
+        return ()
+    busy = np.arange(n) != root if coll is Collective.REDUCE else np.ones(n, bool)  # the root reduces in place
+    m = float(lay.stretch(busy)[busy].max())
+    return ((1, np.array([[float(SETUP), 0.0, 2 * copy(n) / 3, m, 0.0]])),)

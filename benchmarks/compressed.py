@@ -6,10 +6,8 @@
 x 2(n-1)/n, so a 16-bit wire format that halves the bytes moved can exceed
 the float32 figure. Also prints the relative error against a float64 sum.
 
-Native compressed all-reduces on NCCL go in overlapped parts ([Note: pipelined
-casts] in collectives/native.py); ``--cast-parts-mb`` times them with other
-part sizes as well (0: the whole buffer at once), and ``native_bf16_payload``
-is NCCL's bf16 all-reduce of an already-cast buffer: the floor without casts.
+``native_bf16_payload`` is the backend's bf16 all-reduce of an already-cast
+buffer: what the 16-bit wire alone gives, without the two casts.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 import collectives as C
-from collectives import native
 from benchmarks._launch import write_json
 from benchmarks._timing import slowest, timed
 
@@ -38,8 +35,6 @@ def main() -> None:
     p.add_argument("--sizes", default="16M,64M,256M,1G")
     p.add_argument("--algos", default="direct,ring")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--cast-parts-mb", default="0,32,128",
-                   help="other part sizes (MiB of wire bytes) to time the native compressed all-reduce with")
     p.add_argument("--json")
     args = p.parse_args()
     comm = C.init()
@@ -68,13 +63,6 @@ def main() -> None:
             row[f"{algo}_bf16_busbw"] = bw(s)
             row[f"{algo}_bf16_vs_native_fp32"] = t_native / s
             row[f"{algo}_bf16_rel_error"] = err
-        default_part = native.CAST_PART_BYTES
-        for mb in (int(v) for v in args.cast_parts_mb.split(",") if v):
-            native.CAST_PART_BYTES = (mb << 20) if mb > 0 else 1 << 62
-            y = torch.empty_like(x)
-            t = _time(comm, lambda: comm.all_reduce(y.copy_(x), algorithm="native", compress="bf16"), args.iters)
-            row[f"native_bf16_part{mb}M_vs_native_fp32"] = t_native / max(t - t_copy, 1e-9)
-        native.CAST_PART_BYTES = default_part
         low = x.to(torch.bfloat16)
         s = _time(comm, lambda: comm.all_reduce(low, algorithm="native"), args.iters)
         row["native_bf16_payload_us"] = s * 1e6

@@ -14,8 +14,10 @@ schedule and micro-batch count it reports, per step:
   the median over rounds of each round's ratio, so load drifts on a shared
   machine hit both alike;
 - the measured bubble: 1 - mean over ranks of compute time / step time (from
-  the runtime's per-action timeline, CUDA events on GPU), next to
-  (p - 1) / (v m + p - 1);
+  the runtime's per-action timeline, CUDA events on GPU), next to the bubble
+  of that timeline replayed with free communication (``replay()``: what the
+  stages' own measured times impose) and to (p - 1) / (v m + p - 1), which
+  assumes equal stages;
 - the peak activations held per stage, as micro-batches (the runtime's
   count) against the bound (1F1B: p - i, GPipe: m), and as bytes of tensors
   saved for backward (parameters excluded).
@@ -168,13 +170,46 @@ def profile_step(comm, pipe, x, y) -> dict:
         p.grad = None
     tl = pipe.stats.timeline
     mine = {"busy": pipe.stats.compute_s, "span": max((e for _, _, e in tl), default=0.0),
-            "peak": {str(s): n for s, n in pipe.stats.peak_activations.items()}, "saved_bytes": saved.peak}
+            "peak": {str(s): n for s, n in pipe.stats.peak_activations.items()}, "saved_bytes": saved.peak,
+            "actions": [[a.stage, a.kind.value, a.microbatch, e - b] for a, b, e in sorted(
+                tl, key=lambda t: t[1])]}
     every = comm.exchange_json(mine)
     span = max(e["span"] for e in every)
-    bubble = 1.0 - statistics.mean(e["busy"] for e in every) / span if span else 0.0
+    busy = statistics.mean(e["busy"] for e in every)
+    bubble = 1.0 - busy / span if span else 0.0
+    replayed = replay([e["actions"] for e in every], pipe.nstages)
     peak = {int(s): n for e in every for s, n in e["peak"].items()}
-    return {"bubble": bubble, "peak": [peak[s] for s in sorted(peak)],
-            "saved_bytes_per_rank": [e["saved_bytes"] for e in every]}
+    return {"bubble": bubble, "bubble_replayed": 1.0 - busy / replayed if replayed else 0.0,
+            "peak": [peak[s] for s in sorted(peak)], "saved_bytes_per_rank": [e["saved_bytes"] for e in every]}
+
+
+def replay(programs: list[list[list]], nstages: int) -> float:
+    """The step's length if every compute action took its measured time and communication and launches
+    cost nothing: each rank runs its actions in the order it ran them, each as soon as the rank is free
+    and its input exists (forward of stage s - 1, backward of stage s + 1; the same micro-batch).
+    Against the measured span this separates what the runtime adds from what the stages' own times
+    (unequal stages: the first skips its input gradient, the last computes the loss) impose."""
+    done: dict[tuple, float] = {}
+    free = [0.0] * len(programs)
+    pc = [0] * len(programs)
+    left = sum(len(p) for p in programs)
+    while left:
+        moved = False
+        for r, prog in enumerate(programs):
+            while pc[r] < len(prog):
+                stage, kind, mb, dur = prog[pc[r]]
+                dep = (stage - 1, "F", mb) if kind == "F" else ((stage + 1, "B", mb) if stage < nstages - 1
+                                                                 else (stage, "F", mb))
+                if dep[0] >= 0 and dep not in done:
+                    break
+                start = max(free[r], done.get(dep, 0.0))
+                free[r] = done[(stage, kind, mb)] = start + dur
+                pc[r] += 1
+                left -= 1
+                moved = True
+        if not moved:
+            raise RuntimeError("replay: the measured programs wait on each other")
+    return max(free)
 
 
 def bound(schedule: str, p: int, m: int, nstages: int) -> list[int] | None:
@@ -220,6 +255,7 @@ def run_config(comm, args, schedule: str, chunks: int, dtype: torch.dtype) -> li
                "batch": batch, "step_ms": med * 1e3, "step_ms_min": min(ts) * 1e3, "samples_per_s": batch / med}
         if name == "topocomm":
             row.update(bubble=prof["bubble"], bubble_theory=ideal_bubble(p, chunks, v),
+                       bubble_replayed=prof["bubble_replayed"],
                        peak_microbatches=prof["peak"], peak_bound=bound(schedule, p, chunks, pipe.nstages),
                        saved_bytes_per_rank=prof["saved_bytes_per_rank"],
                        microbatch_activation_bytes=args.microbatch * args.hidden * dtype.itemsize)
@@ -246,7 +282,7 @@ def header(comm, args, dtype: torch.dtype) -> dict:
 
 def print_head() -> None:
     print(f"{'schedule':>12} {'m':>3} {'impl':>9} {'step ms':>9} {'samples/s':>10} {'vs torch':>8} "
-          f"{'bubble':>7} {'theory':>7}  peak micro-batches per stage (bound)", flush=True)
+          f"{'bubble':>7} {'replay':>7} {'theory':>7}  peak micro-batches per stage (bound)", flush=True)
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -254,7 +290,8 @@ def print_rows(rows: list[dict]) -> None:
         extra = ""
         if r["impl"] == "topocomm":
             b = r.get("peak_bound")
-            extra = (f"{r['bubble']:7.3f} {r['bubble_theory']:7.3f}  {r['peak_microbatches']}"
+            extra = (f"{r['bubble']:7.3f} {r['bubble_replayed']:7.3f} {r['bubble_theory']:7.3f}  "
+                     f"{r['peak_microbatches']}"
                      + (f" ({b})" if b else ""))
         vs = f"{r['speedup_vs_torch']:7.2f}x" if "speedup_vs_torch" in r else ""
         print(f"{r['schedule']:>12} {r['chunks']:>3} {r['impl']:>9} {r['step_ms']:9.2f} {r['samples_per_s']:10.1f} "

@@ -79,50 +79,9 @@ def _torch_op(red: Reduction, backend: str) -> tuple[dist.ReduceOp, bool]:
     return red.torch_op, False
 
 
-# [Note: pipelined casts]
-# A compressed native all-reduce casts to the wire dtype, reduces, and casts back. Each cast is a
-# pass over memory: on H200, 1 GiB of float32 to bf16 and back is about 0.4 ms against 2.3-3 ms for
-# the bf16 all-reduce itself. On NCCL, a large buffer goes in parts of about CAST_PART_BYTES on the
-# wire: part k+1 is cast on the caller's stream while NCCL reduces part k on its own stream, and part
-# k is cast back while part k+1 travels, so only the first cast and the last cast back are exposed.
-# Parts are large (64 MiB of bf16) because NCCL's bandwidth falls at smaller messages: below two
-# parts' worth the buffer goes whole.
-CAST_PART_BYTES = 64 << 20
-MAX_CAST_PARTS = 8
-
-
-def cast_parts(nbytes_wire: int, backend: str) -> int:
-    """How many parts a compressed native all-reduce of ``nbytes_wire`` wire bytes goes in."""
-    if backend != "nccl":
-        return 1
-    return max(1, min(MAX_CAST_PARTS, round(nbytes_wire / CAST_PART_BYTES)))
-
-
-def _pipelined_all_reduce(group: dist.ProcessGroup, op: dist.ReduceOp, out: torch.Tensor,
-                          wire: torch.dtype, parts: int) -> None:
-    """``out`` all-reduced through ``wire`` in ``parts`` overlapped parts ([Note: pipelined casts])."""
-    low = torch.empty(out.numel(), dtype=wire, device=out.device)
-    step = -(-out.numel() // parts)
-    spans = [(a, min(a + step, out.numel())) for a in range(0, out.numel(), step)]
-    works = []
-    for a, b in spans:
-        low[a:b].copy_(out[a:b])
-        works.append(_launch(Collective.ALL_REDUCE, group, op, low[a:b], None, None, blocking=False))
-    for (a, b), work in zip(spans, works):
-        if work is not None:
-            work.wait()
-        out[a:b].copy_(low[a:b])
-
-
 def run_native(coll: Collective, group: dist.ProcessGroup, backend: str, red: Reduction | None,
                out: torch.Tensor, inp: torch.Tensor | None, root: int | None,
                wire: torch.dtype | None = None) -> None:
-    if wire is not None and coll is Collective.ALL_REDUCE:
-        parts = cast_parts(out.numel() * wire.itemsize, backend)
-        op, divide = _torch_op(red, backend)
-        if parts > 1 and not divide:
-            _pipelined_all_reduce(group, op, out, wire, parts)
-            return
     if wire is not None:  # compressed: the backend reduces in the 16-bit wire dtype
         low_out = out.to(wire)
         run_native(coll, group, backend, red, low_out, inp.to(wire) if inp is not None else None, root)

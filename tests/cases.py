@@ -377,23 +377,6 @@ def _wire_errors(what: str, t: torch.Tensor, exact: torch.Tensor, bound: torch.T
     return problems
 
 
-def pipelined_cast(comm, numel: int, wire: str) -> list[str]:
-    """The compressed native all-reduce in overlapped parts ([Note: pipelined casts] in native.py), for
-    1..5 parts of an odd count: within compressed()'s bound of the float64 sum, whatever the split."""
-    import torch.distributed as dist
-
-    from collectives.native import _pipelined_all_reduce
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[wire]
-    xs, exact, bound = _wire_reference(comm.size, numel, wire)
-    problems = []
-    for parts in range(1, 6):
-        t = xs[comm.rank].float().to(comm.device)
-        _pipelined_all_reduce(comm.group, dist.ReduceOp.SUM, t, dtype, parts)
-        problems += _wire_errors(f"{parts} parts", t, exact, bound)
-    return problems
-
-
 def dead_peer(comm, timeout_s: float) -> str:
     """The last rank stops answering; the others must raise within the timeout, naming it."""
     import time

@@ -129,9 +129,9 @@ def train(comm, opt_name: str, bucket_bytes: int, steps: int = 4, default_comm: 
     for step in range(steps):
         x, y = _batch(step, size, device=dev)
         opt.zero_grad()
-        before = dp._grads.copied
+        before = (dp._grads.copied, dp._grads.copy_calls)
         F.mse_loss(dp(_slice(x, rank)), _slice(y, rank)).backward()
-        copies.append(dp._grads.copied - before)
+        copies.append((dp._grads.copied - before[0], dp._grads.copy_calls - before[1]))
         for p, v in zip(dp._grads.params, dp._grads._views):
             if p.grad is None or p.grad.data_ptr() != v.data_ptr():
                 problems.append(f"step {step}: a gradient is not a view into its bucket")
@@ -143,7 +143,7 @@ def train(comm, opt_name: str, bucket_bytes: int, steps: int = 4, default_comm: 
     names = dp._names
     plans = [p["algorithm"] for p in dp.bucket_plans()]
     return {"problems": problems, "digest": _digest(dp.module), "layouts": layouts, "names": names,
-            "plans": plans, "copies": copies}
+            "plans": plans, "copies": copies, "nparams": len(names), "nbuckets": [len(b) for b in layouts]}
 
 
 def no_sync(comm, opt_name: str, bucket_bytes: int, steps: int = 3, micro: int = 2) -> list[str]:

@@ -66,13 +66,22 @@ def _compare(pipe_module: nn.Module, ref: nn.Module, losses: list[float], ref_lo
 
 
 def train_equivalence(comm, schedule: str, chunks: int, stages_per_rank: int | None = None,
-                      dtype: str = "float64", steps: int = 3, balance=None, nlinear: int = 8) -> dict:
+                      dtype: str = "float64", steps: int = 3, balance=None, nlinear: int = 8,
+                      pair_links: bool = False) -> dict:
+    """``pair_links``: talk over a group per neighbouring pair, as on NCCL (links.py), instead of gloo's path."""
+    from parallel.pipeline import links
+
     dt = getattr(torch, dtype)
     model = make_model(nlinear, dtype=dt)
     batches = [make_data(4 * chunks, s, dt) for s in range(steps)]
     ref_losses, ref = reference(model, batches, lr=0.1)
-    pipe = Pipeline(model, chunks=chunks, schedule=schedule, loss_fn=F.mse_loss, comm=comm, balance=balance,
-                    stages_per_rank=stages_per_rank)
+    default = links.PAIR_BACKENDS
+    links.PAIR_BACKENDS = default + (("gloo",) if pair_links else ())
+    try:
+        pipe = Pipeline(model, chunks=chunks, schedule=schedule, loss_fn=F.mse_loss, comm=comm, balance=balance,
+                        stages_per_rank=stages_per_rank)
+    finally:
+        links.PAIR_BACKENDS = default
     opt = torch.optim.SGD(pipe.module.parameters(), lr=0.1)
     losses = []
     for x, y in batches:

@@ -44,7 +44,7 @@ def test_grad_buckets_hand_over_in_order_and_settle_missing_gradients():
     assert [bk.flat.numel() for bk in grads.buckets] == [8, 8, 4]  # 5, 4+2, 3+1 tail, padded to 4
     (a.sum() + 2 * b.sum() + 3 * c.sum()).backward()
     assert [i for i, _ in ready] == [0, 1, 2] and finished == [[3]]
-    assert grads.copied == 1  # only the first gradient; the others accumulated into their preset views
+    assert grads.copied == 3 and grads.copy_calls == 3  # one batched copy per bucket with a new gradient
     assert ready[1][1][:6] == [2.0] * 4 + [0.0, 0.0]  # unused's slot zero-filled
     assert unused.grad is None
     for i, p in enumerate((a, b, c)):
@@ -56,6 +56,27 @@ def test_grad_buckets_hand_over_in_order_and_settle_missing_gradients():
     grads.sync = True
     old = grads.rebuild([[0, 1, 2, 3]])
     assert len(old) == 3 and a.grad.tolist() == [2.0] * 3 and a.grad.data_ptr() == grads.buckets[0].flat.data_ptr()
+    grads.remove()
+
+
+def test_grad_buckets_keep_accumulated_views_when_a_bucket_mate_was_reset():
+    # a and b share a bucket; b's .grad is dropped between backwards while a's view keeps accumulating
+    a, b = _params((3,), (2,))
+    a.data.fill_(1.0)
+    b.data.fill_(1.0)
+    sent = []
+    grads = GradBuckets([a, b], [[0, 1]], on_ready=lambda bk: sent.append(bk.flat.tolist()), on_finish=lambda: None)
+    (2 * a.sum() + b.sum()).backward()
+    b.grad = None
+    (5 * a.sum()).backward()
+    assert a.grad.tolist() == [7.0] * 3 and b.grad is None
+    assert sent[-1] == [7.0] * 3 + [0.0] * 2
+    grads.sync = False  # no_sync with only a used, then a synchronised backward with only a
+    a.grad, b.grad = None, None
+    a.sum().backward()
+    grads.sync = True
+    a.sum().backward()
+    assert a.grad.tolist() == [2.0] * 3 and sent[-1] == [2.0] * 3 + [0.0] * 2
     grads.remove()
 
 
@@ -86,9 +107,10 @@ def test_training_matches_one_process_on_the_global_batch(pool, size):
             assert r["problems"] == [], (opt, bucket_bytes)
         assert len({r["digest"] for r in results}) == 1, "ranks' parameters are not bitwise identical"
         assert all(algo in collectives.ALGORITHMS for algo in results[0]["plans"])
-        # after zero_grad(set_to_none=True) only the first gradient of each backward is copied into its
-        # bucket; autograd accumulates the others straight into their views
-        assert all(r["copies"] == [1] * len(r["copies"]) for r in results), [r["copies"] for r in results]
+        # after zero_grad(set_to_none=True) every gradient is copied into its bucket, one batched copy
+        # per bucket ([Note: batched adoption])
+        for r in results:
+            assert all(c == (r["nparams"], r["nbuckets"][k > 0]) for k, c in enumerate(r["copies"])), r
         # Rebuilt once from rank 0's gradient-ready order, identically everywhere: head (registered
         # first, used last) now fills the first bucket.
         layouts = {repr(r["layouts"]) for r in results}

@@ -210,8 +210,14 @@ def test_training_equals_single_process(pool, schedule, world, chunks, v):
         assert all(r["peak"] == {i: chunks} for i, r in enumerate(res))
     for r in res:  # the runtime holds what the simulator predicts
         assert all(r["simulated_peak"][s] == n for s, n in r["peak"].items())
-    # a world-wide pipeline talks to each neighbouring rank over a group of their own
-    # ([Note: one stream per neighbour] in parallel/pipeline/links.py)
+    assert all(r["pair_links"] == [] for r in res)  # gloo keeps the communicator's transport
+
+
+@pytest.mark.parametrize("schedule,world,chunks,v", [("gpipe", 3, 3, None), ("1f1b", 4, 8, None),
+                                                     ("interleaved", 3, 6, 2), ("interleaved", 4, 4, 2)])
+def test_training_over_a_group_per_neighbouring_pair(pool, schedule, world, chunks, v):
+    # the path NCCL pipelines take ([Note: one stream per neighbour] in parallel/pipeline/links.py), on gloo
+    res = pool.run(world, "tests.pipeline_cases:train_equivalence", schedule, chunks, v, pair_links=True)
     for rank, r in enumerate(res):
         stages = range(world * (v or 1))
         want = {s2 % world for s in stages if s % world == rank for s2 in (s - 1, s + 1)
@@ -289,3 +295,17 @@ def test_benchmark_runs_and_compares_with_torch(tmp_path):
     assert ours["1f1b"]["peak_microbatches"] == [2, 1] == ours["1f1b"]["peak_bound"]
     assert 0.0 <= ours["1f1b"]["bubble"] < 1.0 and ours["1f1b"]["bubble_theory"] == pytest.approx(1 / 3)
     assert all(r["samples_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("name,p,m,v", [("gpipe", 2, 2, None), ("gpipe", 4, 8, None), ("1f1b", 4, 8, None),
+                                        ("interleaved", 2, 4, 2), ("interleaved", 4, 8, 2)])
+def test_benchmark_replay_matches_the_simulator(name, p, m, v):
+    # the pipeline benchmark's replay of measured action times, fed the simulator's own order and costs,
+    # gives the simulator's step count
+    from benchmarks.pipeline import replay
+
+    sim = simulate(build(name, p, m, v), forward_cost=1, backward_cost=2)
+    programs = [[[a.stage, a.kind.value, a.microbatch, sim.cost(a)] for _, a in sorted(prog, key=lambda x: x[0])]
+                for prog in sim.starts]
+    assert replay(programs, sim.schedule.nstages) == sim.steps
+

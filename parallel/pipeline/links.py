@@ -19,12 +19,18 @@ called by every rank for every pair, in one order (the pairs come from the
 schedule, the same on every rank), and they are kept for later pipelines of
 the same world. A pipeline on a sub-communicator (a Mesh axis) keeps its
 communicator's transport: its replicas may be built at different times, and
-groups made by only some ranks would not get consistent names. MPI keeps its
-own transport too.
+groups made by only some ranks would not get consistent names. Other
+backends keep the communicator's transport too: gloo's point-to-point calls
+are independent already, and on one host the communicator's shared-memory
+transport is faster than a pair group's sockets. So does a process with
+CUDA_DEVICE_MAX_CONNECTIONS=1: the GPU then runs kernels of all streams in
+launch order, and a ring of ranks that each send before they receive would
+wait on each other's queued transfers.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -32,10 +38,12 @@ import torch.distributed as dist
 
 from collectives.transport import TorchTransport
 
+PAIR_BACKENDS = ("nccl",)  # backends whose world-wide pipelines get a group per pair (tests add gloo)
 _PAIRS: dict = {}  # "world": the default group they belong to; (global rank, global rank) -> its group
 
 
-def pair_groups(pairs: Sequence[tuple[int, int]], timeout) -> dict[tuple[int, int], dist.ProcessGroup | None]:
+def pair_groups(pairs: Sequence[tuple[int, int]], backend: str,
+                timeout) -> dict[tuple[int, int], dist.ProcessGroup | None]:
     """A process group per pair of global ranks (None where this rank is not in it). Every rank of the world
     must call this with the same pairs, in the same order."""
     world = dist.distributed_c10d._get_default_group()
@@ -45,11 +53,13 @@ def pair_groups(pairs: Sequence[tuple[int, int]], timeout) -> dict[tuple[int, in
     me = dist.get_rank()
     out = {}
     for pair in pairs:
-        if pair not in _PAIRS:
+        key = (backend, *pair)
+        if key not in _PAIRS:
             kwargs = {"timeout": timeout} if timeout is not None else {}
-            group = dist.new_group(list(pair), group_desc=f"pipeline_pair_{pair[0]}_{pair[1]}", **kwargs)
-            _PAIRS[pair] = group if me in pair else None
-        out[pair] = _PAIRS[pair]
+            group = dist.new_group(list(pair), backend=backend, group_desc=f"pipeline_pair_{pair[0]}_{pair[1]}",
+                                   **kwargs)
+            _PAIRS[key] = group if me in pair else None
+        out[pair] = _PAIRS[key]
     return out
 
 
@@ -62,10 +72,14 @@ class Links:
         self.comm = comm
         self.peers = sorted(set(peers) - {comm.rank})
         self.pairs: dict[int, tuple[TorchTransport, int]] = {}  # peer -> (its pair's transport, its rank there)
-        if comm.backend in ("nccl", "gloo") and comm.size > 1 and comm.size == dist.get_world_size():
+        if (comm.backend in PAIR_BACKENDS and 1 < comm.size == dist.get_world_size()
+                and os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1"):
             me = comm.rank  # the whole world: the communicator's ranks are the global ranks
+            if dist.get_global_rank(comm.group, me) != dist.get_rank():
+                raise AssertionError("a world-wide communicator whose ranks are not the global ranks")
             timeout = getattr(comm, "timeout", None)
-            groups = pair_groups(sorted({(min(a, b), max(a, b)) for a, b in all_pairs if a != b}), timeout)
+            groups = pair_groups(sorted({(min(a, b), max(a, b)) for a, b in all_pairs if a != b}), comm.backend,
+                                 timeout)
             for p in sorted(self.peers, key=lambda p: (min(me, p), max(me, p))):
                 group = groups[(min(me, p), max(me, p))]
                 self.pairs[p] = (TorchTransport(group, timeout), 1 - dist.get_rank(group))

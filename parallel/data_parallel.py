@@ -8,7 +8,8 @@
 At wrap time rank 0's parameters and buffers are copied to every rank, and the
 ranks check that they wrap the same parameters (names, shapes, dtypes).
 Gradients live in flat buckets (``_buckets.py``): reverse parameter order, a
-1 MiB first bucket, then ``bucket_mb``; after the first synchronised backward
+first bucket of at least 1 MiB, then of at least ``bucket_mb`` (closed, as in DDP,
+by the parameter that reaches the cap); after the first synchronised backward
 the buckets are rebuilt once in the order gradients actually became ready
 (rank 0's order, broadcast, so every rank builds the same buckets). Each
 bucket's asynchronous all-reduce starts from the gradient hooks as soon as

@@ -325,7 +325,7 @@ def bad_arguments(comm) -> list[str]:
 def run_all(comm) -> list[str]:
     """Every case once, for a world started by a launcher (the CUDA/NCCL test: ``torchrun -m tests.dp_cases``)."""
     problems = []
-    for opt, bucket_bytes in (("sgd", 16), ("adamw", 300)):
+    for opt, bucket_bytes in (("sgd", 4), ("adamw", 300)):
         problems += train(comm, opt, bucket_bytes)["problems"]
     problems += no_sync(comm, "adamw", 100)
     problems += unused(comm, True) + unused(comm, False)

@@ -1,6 +1,6 @@
 """parallel.DataParallel on gloo: training equals one process on the global batch.
 
-The worker cases are in dp_cases.py. Bucket caps of a few hundred bytes (or 16
+The worker cases are in dp_cases.py. Bucket caps of a few hundred bytes (or 4
 bytes: one parameter per bucket) make many buckets out of a tiny model, so the
 ordering, rebuilding and finishing of buckets is exercised on every step.
 Tests are ordered so world sizes 1..4 each start once (the pool keeps three).
@@ -26,10 +26,12 @@ def _params(*shapes, dtype=torch.float32):
 
 def test_assign_buckets_caps_dtypes_and_order():
     ps = _params((10,), (30,), (5,), (100,), (7,)) + _params((4,), dtype=torch.float64)
-    # reverse order 5, 4, 3, 2, 1, 0; first float32 bucket capped at 40 bytes, later ones at 160
-    assert assign_buckets(ps, 160, 40) == [[5], [4], [3], [2, 1], [0]]
+    # reverse order 5, 4, 3, 2, 1, 0 (bytes 32 (float64), 28, 400, 20, 120, 40); the first float32 bucket
+    # closes at 40 bytes or more, later ones at 160 or more (so a bucket can pass its cap, as in DDP)
+    assert assign_buckets(ps, 160, 40) == [[5], [4, 3], [2, 1, 0]]
     assert assign_buckets(ps, 1 << 20, 1 << 20) == [[5], [4, 3, 2, 1, 0]]
-    assert assign_buckets(ps, 160, 40, order=[0, 1, 2, 3, 4, 5]) == [[0], [1, 2], [3], [4], [5]]
+    assert assign_buckets(ps, 160, 40, order=[0, 1, 2, 3, 4, 5]) == [[0], [1, 2, 3], [4], [5]]
+    assert assign_buckets(ps, 1, 1) == [[5], [4], [3], [2], [1], [0]]  # every parameter fills a bucket
     with pytest.raises(ValueError, match="order"):
         assign_buckets(ps, 160, 40, order=[0, 0, 1, 2, 3, 4])
 
@@ -101,7 +103,7 @@ def test_unused_parameters(pool, size):
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
 def test_training_matches_one_process_on_the_global_batch(pool, size):
-    for opt, bucket_bytes in (("sgd", 16), ("adamw", 300)):
+    for opt, bucket_bytes in (("sgd", 4), ("adamw", 300)):
         results = pool.run(size, "tests.dp_cases:train", opt, bucket_bytes)
         for r in results:
             assert r["problems"] == [], (opt, bucket_bytes)
@@ -119,7 +121,7 @@ def test_training_matches_one_process_on_the_global_batch(pool, size):
         names = results[0]["names"]
         assert names[initial[0][0]].startswith("body.")
         assert names[rebuilt[0][0]].startswith("head.")
-        if bucket_bytes == 16:
+        if bucket_bytes == 4:
             assert len(rebuilt) == len(names)  # one parameter per bucket
 
 

@@ -17,7 +17,9 @@ schedule and micro-batch count it reports, per step:
   the runtime's per-action timeline, CUDA events on GPU), next to the bubble
   of that timeline replayed with free communication (``replay()``: what the
   stages' own measured times impose) and to (p - 1) / (v m + p - 1), which
-  assumes equal stages;
+  assumes equal stages; and the idle fraction of the busiest rank (with
+  unequal stages the others idle longer for want of work, not for the
+  schedule: the formula describes the rank that sets the pace);
 - the peak activations held per stage, as micro-batches (the runtime's
   count) against the bound (1F1B: p - i, GPipe: m), and as bytes of tensors
   saved for backward (parameters excluded).
@@ -179,7 +181,9 @@ def profile_step(comm, pipe, x, y) -> dict:
     bubble = 1.0 - busy / span if span else 0.0
     replayed = replay([e["actions"] for e in every], pipe.nstages)
     peak = {int(s): n for e in every for s, n in e["peak"].items()}
+    busiest = max(e["busy"] for e in every)
     return {"bubble": bubble, "bubble_replayed": 1.0 - busy / replayed if replayed else 0.0,
+            "bubble_busiest": 1.0 - busiest / span if span else 0.0,
             "peak": [peak[s] for s in sorted(peak)], "saved_bytes_per_rank": [e["saved_bytes"] for e in every]}
 
 
@@ -255,7 +259,7 @@ def run_config(comm, args, schedule: str, chunks: int, dtype: torch.dtype) -> li
                "batch": batch, "step_ms": med * 1e3, "step_ms_min": min(ts) * 1e3, "samples_per_s": batch / med}
         if name == "topocomm":
             row.update(bubble=prof["bubble"], bubble_theory=ideal_bubble(p, chunks, v),
-                       bubble_replayed=prof["bubble_replayed"],
+                       bubble_replayed=prof["bubble_replayed"], bubble_busiest=prof["bubble_busiest"],
                        peak_microbatches=prof["peak"], peak_bound=bound(schedule, p, chunks, pipe.nstages),
                        saved_bytes_per_rank=prof["saved_bytes_per_rank"],
                        microbatch_activation_bytes=args.microbatch * args.hidden * dtype.itemsize)
@@ -282,7 +286,8 @@ def header(comm, args, dtype: torch.dtype) -> dict:
 
 def print_head() -> None:
     print(f"{'schedule':>12} {'m':>3} {'impl':>9} {'step ms':>9} {'samples/s':>10} {'vs torch':>8} "
-          f"{'bubble':>7} {'replay':>7} {'theory':>7}  peak micro-batches per stage (bound)", flush=True)
+          f"{'bubble':>7} {'busiest':>7} {'replay':>7} {'theory':>7}  peak micro-batches per stage (bound)",
+          flush=True)
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -290,7 +295,8 @@ def print_rows(rows: list[dict]) -> None:
         extra = ""
         if r["impl"] == "topocomm":
             b = r.get("peak_bound")
-            extra = (f"{r['bubble']:7.3f} {r['bubble_replayed']:7.3f} {r['bubble_theory']:7.3f}  "
+            extra = (f"{r['bubble']:7.3f} {r['bubble_busiest']:7.3f} {r['bubble_replayed']:7.3f} "
+                     f"{r['bubble_theory']:7.3f}  "
                      f"{r['peak_microbatches']}"
                      + (f" ({b})" if b else ""))
         vs = f"{r['speedup_vs_torch']:7.2f}x" if "speedup_vs_torch" in r else ""

@@ -7,7 +7,8 @@
 #   sweep2 (correctness sweep, eager then CUDA graphs; shutdown check), zero2 | dp2, busbw2all (every op), busbw2, train2
 # (sweep2a: the sweep alone, before anything else starts).
 # Steps on 4 GPUs run one after another: busbw4all (every op), busbw4, busbw4rs, compressed4, zero4, pipeline4, train4,
-# p2p4 (not in the default list: the point-to-point ceiling).
+# and, not in the default list: p2p4 (the point-to-point ceiling), pipecases4 (every pipeline schedule
+# against one process over NCCL), sweep4 (the correctness sweep on 4 GPUs).
 # Logs and JSON land in $OUT; each step has its own time limit and a failed step does not stop the rest.
 # One 10-minute device slot does not hold them all: pass a few steps per slot. PACK=1 leaves one
 # $OUT/results.tgz (plus steps.txt) instead of the loose files, for runners that return few files.
@@ -80,6 +81,8 @@ want pipeline4 && step pipeline4 120 0,1,2,3 29521 4 -- -m benchmarks.pipeline -
     --json "$OUT/pipeline-nccl-4gpu.json"
 want train4 && step train4 100 0,1,2,3 29521 4 -- -m benchmarks.train --json "$OUT/train-nccl-4gpu.json"
 want p2p4 && step p2p4 90 0,1,2,3 29521 4 -- -m benchmarks.p2p
+want pipecases4 && step pipecases4 120 0,1,2,3 29521 4 -- -m tests.pipeline_cases
+want sweep4 && step sweep4 150 0,1,2,3 29521 4 -- -m tests.gpu_sweep
 cat "$OUT/steps.txt"
 if [[ "${PACK:-0}" == 1 ]]; then
     tar czf /tmp/topocomm_results.tgz -C "$OUT" --exclude=steps.txt . && find "$OUT" -mindepth 1 ! -name steps.txt -delete \

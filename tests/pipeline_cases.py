@@ -210,3 +210,34 @@ def expect_error(comm, case: str) -> str:
     except (ValueError, TypeError, KeyError) as e:
         return f"{type(e).__name__}: {e}"
     raise AssertionError(f"{case}: no error raised")
+
+
+def run_all(comm) -> list[str]:
+    """Every schedule against single-process training, for a world started by a launcher (the CUDA/NCCL
+    test: ``torchrun -m tests.pipeline_cases``); on NCCL neighbours talk over their pair groups."""
+    from parallel.pipeline import links
+
+    problems = []
+    p = comm.size
+    for schedule, chunks, v in (("gpipe", 2 * p, None), ("1f1b", 2 * p, None), ("interleaved", 2 * p, 2)):
+        try:
+            res = train_equivalence(comm, schedule, chunks, v)
+        except AssertionError as e:
+            problems.append(f"{schedule}: {e}")
+            continue
+        if p > 1 and comm.backend in links.PAIR_BACKENDS and not res["pair_links"]:
+            problems.append(f"{schedule}: no pair groups on {comm.backend}")
+    return problems
+
+
+if __name__ == "__main__":
+    import sys
+
+    import collectives
+
+    comm = collectives.init(timeout=120)
+    found = run_all(comm)
+    print(f"rank {comm.rank} on {comm.device} ({comm.backend}): " + ("ok" if not found else "; ".join(found)),
+          flush=True)
+    collectives.shutdown()
+    sys.exit(1 if found else 0)

@@ -152,22 +152,23 @@ def fit_sweeps(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
     """Fits one Params to several sweeps, each measured on its topology (see the module note)."""
     base = base or default_params(sweeps[0][0], backend)
     native = {k: dict(v) for k, v in base.native.items()}
+    points: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (world, op) -> (bytes, s), every sweep
     for topo, rows in sweeps:
-        ws = native.setdefault(str(topo.world_size), {})
-        for op in sorted({r["op"] for r in rows if r["algorithm"] == "native"}):
-            pts = [(r["bytes"], r["time_us"] * 1e-6) for r in rows
-                   if r["algorithm"] == "native" and r["op"] == op and r["bytes"] >= min_bytes]
-            if len(pts) >= 2:
-                S, t = np.array(pts, float).T
-                A = np.column_stack([np.ones_like(S), S]) / t[:, None]
-                line = [float(v) for v in nnls(A, np.ones_like(t))]
-                sizes = sorted(set(S.tolist()))
-                # model._measured_native; with several sweeps, the lowest time at each size (a hiccup
-                # only adds time, and one in a 5-iteration mean would otherwise stay in the table)
-                table = [[s, float(np.min(t[S == s]))] for s in sizes]
-                # A device backend's times repeat to a few percent; on a time-shared CPU a table
-                # would keep one run's noise, so host backends keep the line.
-                ws[op] = line + [table] if backend == "nccl" else line
+        for r in rows:
+            if r["algorithm"] == "native" and r["bytes"] >= min_bytes:
+                points.setdefault((str(topo.world_size), r["op"]), []).append((r["bytes"], r["time_us"] * 1e-6))
+    for (world, op), pts in sorted(points.items()):
+        if len(pts) >= 2:
+            S, t = np.array(pts, float).T
+            A = np.column_stack([np.ones_like(S), S]) / t[:, None]
+            line = [float(v) for v in nnls(A, np.ones_like(t))]
+            # model._measured_native: the lowest time at each size among its rows (in-place and
+            # out-of-place runs, every sweep of this world size): a hiccup only adds time, and one
+            # in a 5-iteration mean would otherwise stay in the table
+            table = [[s, float(np.min(t[S == s]))] for s in sorted(set(S.tolist()))]
+            # A device backend's times repeat to a few percent; on a time-shared CPU a table
+            # would keep one run's noise, so host backends keep the line.
+            native.setdefault(world, {})[op] = line + [table] if backend == "nccl" else line
     params = replace(base, native=native, source="calibrated")
     ours = [(topo, [r for r in rows if r["algorithm"] != "native" and r["bytes"] >= min_bytes])
             for topo, rows in sweeps]

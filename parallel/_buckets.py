@@ -24,8 +24,9 @@ deadlock or pair the wrong buckets.
 
 [Note: batched adoption] After ``zero_grad(set_to_none=True)`` autograd
 allocates every gradient anew. In a synchronised backward the hook only
-notes such a gradient; when its bucket is handed over, all of the bucket's
-noted gradients are copied into their views with one batched copy
+notes such a gradient; once every parameter of its bucket has its gradient
+(or when the bucket is handed over at the end of backward), all of the
+bucket's noted gradients are copied into their views with one batched copy
 (``torch._foreach_copy_``: one launch per bucket instead of one copy and one
 Python call per parameter, on the host's path through backward) and
 ``.grad`` becomes the view. Giving every parameter its zeroed view before
@@ -264,7 +265,10 @@ class GradBuckets:
             loose.append(i)
 
     def _adopt_bucket(self, k: int) -> None:
-        loose, self._loose[k] = self._loose[k], []
+        # re-checked now: a hook after ours may have replaced or dropped a noted gradient since
+        loose = [i for i in self._loose[k] if self.params[i].grad is not None
+                 and self._loose_grad(i, self.params[i])]
+        self._loose[k] = []
         if loose:
             torch._foreach_copy_([self._views[i] for i in loose], [self.params[i].grad for i in loose])
             for i in loose:
@@ -288,6 +292,8 @@ class GradBuckets:
             return
         self._fired[i] = True
         self._pending[k] -= 1
+        if self._pending[k] == 0:  # complete: copy in now, so gradients exist twice only until then
+            self._adopt_bucket(k)
         self._advance()
 
     def _start_backward(self) -> None:

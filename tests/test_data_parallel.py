@@ -82,6 +82,29 @@ def test_grad_buckets_keep_accumulated_views_when_a_bucket_mate_was_reset():
     grads.remove()
 
 
+def test_grad_buckets_copy_a_complete_bucket_in_before_earlier_ones_go():
+    # bucket 0's parameter gets no gradient, so nothing is handed over until the end of backward; the
+    # complete bucket 1 is copied in as soon as its last gradient arrives, and a gradient dropped by a
+    # later hook before that is treated as missing instead of failing
+    a, b, c = _params((3,), (4,), (2,))
+    sent = []
+    grads = GradBuckets([a, b, c], [[0], [1, 2]], on_ready=lambda bk: sent.append(bk.index),
+                        on_finish=lambda: None)
+    seen = []
+    b.register_post_accumulate_grad_hook(lambda p: seen.append(grads.copy_calls))
+    c.register_post_accumulate_grad_hook(lambda p: seen.append(grads.copy_calls))
+    (2 * b.sum() + 3 * c.sum()).backward()
+    assert sent == [0, 1] and grads.copy_calls == 1 and seen[-1] == 1  # copied in before backward ended
+    assert b.grad.tolist() == [2.0] * 4 and b.grad.data_ptr() == grads.view(1).data_ptr()
+    assert a.grad is None and grads.missing == [0]
+    b.grad = c.grad = None
+    h = c.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    (2 * b.sum() + 3 * c.sum()).backward()
+    assert b.grad.tolist() == [2.0] * 4 and c.grad is None
+    h.remove()
+    grads.remove()
+
+
 def test_bad_arguments_name_the_argument(pool):
     for problems in pool.run(1, "tests.dp_cases:bad_arguments"):
         assert problems == []

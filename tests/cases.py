@@ -152,6 +152,21 @@ def sweep(comm, cases: list[tuple]) -> list[tuple[str, str | None]]:
     return out
 
 
+def launched_main(run_all) -> None:
+    """Run ``run_all(comm)`` on a world started by a launcher (torchrun: the CUDA tests), print one line
+    per rank, and exit 1 on any problem."""
+    import sys
+
+    import collectives
+
+    comm = collectives.init(timeout=120)
+    found = run_all(comm)
+    print(f"rank {comm.rank} on {comm.device} ({comm.backend}): " + ("ok" if not found else "; ".join(found)),
+          flush=True)
+    collectives.shutdown()
+    sys.exit(1 if found else 0)
+
+
 def wrong_error(name: str, exc: type[Exception], call) -> str | None:
     """None when ``call()`` raises ``exc`` with ``name`` in its message; else what happened instead."""
     try:

@@ -338,13 +338,6 @@ def run_all(comm) -> list[str]:
 
 
 if __name__ == "__main__":
-    import sys
+    from tests.cases import launched_main
 
-    import collectives
-
-    comm = collectives.init(timeout=120)
-    found = run_all(comm)
-    print(f"rank {comm.rank} on {comm.device} ({comm.backend}): " + ("ok" if not found else "; ".join(found)),
-          flush=True)
-    collectives.shutdown()
-    sys.exit(1 if found else 0)
+    launched_main(run_all)

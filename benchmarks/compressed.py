@@ -21,6 +21,7 @@ import torch.distributed as dist
 import collectives as C
 from benchmarks._launch import write_json
 from benchmarks._timing import slowest, timed
+from benchmarks.busbw import parse_size
 
 
 def _time(comm, fn, iters: int) -> float:
@@ -39,10 +40,9 @@ def main() -> None:
     args = p.parse_args()
     comm = C.init()
     n, dev = comm.size, comm.device
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     rows = []
     for text in args.sizes.split(","):
-        nbytes = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        nbytes = parse_size(text)
         count = nbytes // 4
         x = torch.randn(count, device=dev)  # never modified: each timed call reduces a scratch copy
         ref = x.double()

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 import collectives as C
 from benchmarks._timing import slowest, timed
+from benchmarks.busbw import parse_size
 
 
 def exchange(comm, x: torch.Tensor, y: torch.Tensor, groups: list) -> None:
@@ -49,11 +50,10 @@ def main() -> None:
     n, dev = comm.size, comm.device
     counts = [int(k) for k in a.groups.split(",")]
     groups = {k: [dist.new_group(list(range(n))) for _ in range(k)] for k in counts}
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     for k in counts:  # connect every pair of every communicator before timing
         exchange(comm, torch.ones(n * 256, device=dev), torch.empty(n * 256, device=dev), groups[k])
     for text in a.sizes.split(","):
-        nbytes = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        nbytes = parse_size(text)
         x = torch.ones(nbytes // 4, device=dev)
         y = torch.empty_like(x)
         calls = {"all_reduce": lambda: dist.all_reduce(x), "all_to_all": lambda: dist.all_to_all_single(y, x)}

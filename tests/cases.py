@@ -360,10 +360,20 @@ def compressed(comm, algorithm: str, numel: int, wire: str) -> tuple[str, str]:
     relative error <= 1e-2. Returns (problem or "", digest of the all-reduce result).
     """
     n, r = comm.size, comm.rank
-    xs, exact, bound = _wire_reference(n, numel, wire)
+    u = {"bf16": 2.0**-8, "fp16": 2.0**-11}[wire]
+    xs = [torch.randn(numel, generator=torch.Generator().manual_seed(100 + k), dtype=torch.float64) for k in range(n)]
+    exact = torch.stack(xs).sum(0)
+    bound = (n + 1) * u * torch.stack(xs).abs().sum(0)
     t = xs[r].float().to(comm.device)
     comm.all_reduce(t, algorithm=algorithm, compress=wire)
-    problems = _wire_errors("all_reduce", t, exact, bound)
+    got = t.cpu().double()
+    problems = []
+    err = (got - exact).abs()
+    if not torch.all(err <= bound):
+        problems.append(f"all_reduce: error {err.max().item():.3g} above the bound")
+    rel = (err.norm() / exact.norm()).item()
+    if rel > 1e-2:
+        problems.append(f"all_reduce: relative error {rel:.3g} > 1e-2")
     if algorithm in ("ring", "direct", "halving_doubling", "native") and numel % n == 0:
         out = torch.empty(numel // n, device=comm.device)
         comm.reduce_scatter(out, xs[r].float().to(comm.device), algorithm=algorithm, compress=wire)
@@ -372,24 +382,6 @@ def compressed(comm, algorithm: str, numel: int, wire: str) -> tuple[str, str]:
         if not torch.all(e2 <= bound[r * m:(r + 1) * m]):
             problems.append(f"reduce_scatter: error {e2.max().item():.3g} above the bound")
     return "; ".join(problems), _digest(t.cpu())
-
-
-def _wire_reference(n: int, numel: int, wire: str) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Every rank's float64 input, their exact sum, and the per-element bound of compressed()."""
-    u = {"bf16": 2.0**-8, "fp16": 2.0**-11}[wire]
-    xs = [torch.randn(numel, generator=torch.Generator().manual_seed(100 + k), dtype=torch.float64) for k in range(n)]
-    return xs, torch.stack(xs).sum(0), (n + 1) * u * torch.stack(xs).abs().sum(0)
-
-
-def _wire_errors(what: str, t: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> list[str]:
-    err = (t.cpu().double() - exact).abs()
-    problems = []
-    if not torch.all(err <= bound):
-        problems.append(f"{what}: error {err.max().item():.3g} above the bound")
-    rel = (err.norm() / exact.norm()).item()
-    if rel > 1e-2:
-        problems.append(f"{what}: relative error {rel:.3g} > 1e-2")
-    return problems
 
 
 def dead_peer(comm, timeout_s: float) -> str:

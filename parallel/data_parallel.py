@@ -142,7 +142,7 @@ class DataParallel(nn.Module):
             return self.algorithm
         key = (bucket.flat.numel(), bucket.flat.dtype)
         algo = self._picks.get(key)
-        if algo is None:  # a bucket's pick depends only on its size and dtype: plan once, not every step
+        if algo is None:  # depends only on the bucket's size and dtype: ask the communicator once, not per step
             algo = self._picks[key] = streamed_algorithm(self.comm, "all_reduce", bucket.flat,
                                                          self._reduce.wire_dtype(bucket.flat.dtype))
         return algo

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from collectives.transport import TorchTransport
 
 PAIR_BACKENDS = ("nccl",)  # backends whose world-wide pipelines get a group per pair (tests add gloo)
-_PAIRS: dict = {}  # "world": the default group they belong to; (global rank, global rank) -> its group
+_PAIRS: dict = {}  # "world": the default group they belong to; (backend, global rank, global rank) -> group
 
 
 def pair_groups(pairs: Sequence[tuple[int, int]], backend: str,

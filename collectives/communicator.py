@@ -127,6 +127,7 @@ class Communicator:
         self._p2p = transport  # point-to-point calls: [Note: shared memory between local ranks]
         if self.backend == "gloo" and self.size > 1 and os.environ.get("TOPOCOMM_SHM", "1") not in ("0", ""):
             self._executor.transport = self._shared_memory(transport)
+        self._nvlink_tried = False
         _OPEN.add(self)
 
     def _shared_memory(self, fallback: TorchTransport):
@@ -167,6 +168,22 @@ class Communicator:
     # Point-to-point calls (isend, irecv) stay on gloo: shared-memory transfers move only while
     # their rank waits, and a caller may post a send and then block on something else (a barrier,
     # another group) that the receiver only reaches after the send; gloo's threads move it anyway.
+
+    def _open_nvlink(self) -> None:
+        """Map the peers' memory for direct all-reduce over NVLink ([Note: NVLink direct]) where every rank
+        can: the first direct all-reduce calls this on every rank alike (the set-up is collective)."""
+        from . import nvlink
+
+        self._nvlink_tried = True
+        why = nvlink.unavailable(self.topology, self.backend, self.size)
+        if why is not None:
+            return
+        self._drain()
+        try:
+            self._executor.nvlink = nvlink.NvlinkPeers(self.group, self.device)
+        except Exception as e:
+            raise RuntimeError(f"rank {self.rank}: direct all-reduce could not map the peers' memory over NVLink "
+                               f"({e}); set TOPOCOMM_NVLINK=0 to run it over NCCL send/recv instead") from e
 
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, size={self.size}, backend={self.backend!r})"
@@ -302,6 +319,8 @@ class Communicator:
         nbytes = (inp if coll in (Collective.REDUCE_SCATTER, Collective.ALL_TO_ALL) else out)
         nbytes = nbytes.numel() * (nbytes.element_size() if wire is None else wire.itemsize)
         name, pipeline = self._select(coll, nbytes, wire or out.dtype, algorithm)
+        if name == "direct" and coll is Collective.ALL_REDUCE and not self._nvlink_tried:
+            self._open_nvlink()
         if self._debug:
             self._check_same_call(coll, out, red, algorithm, root)
         self._seq += 1

@@ -99,6 +99,7 @@ class Executor:
         self.transport = transport
         self.max_segment_bytes = max_segment_bytes
         self._issue: dict[torch.device, torch.cuda.Stream] = {}
+        self.nvlink = None  # collectives.nvlink.NvlinkPeers: direct all-reduce over NVLink ([Note: NVLink direct])
 
     def run(self, schedule: Schedule, work: torch.Tensor, red: Reduction | None = None,
             inp: torch.Tensor | None = None, wire_dtype: torch.dtype | None = None) -> torch.Tensor | None:
@@ -254,6 +255,9 @@ def run_collective(ex: Executor, schedule: Schedule, red: Reduction | None,
     rank, n = ex.transport.rank, schedule.world_size
     coll = schedule.collective
     if coll is Collective.ALL_REDUCE:
+        if ex.nvlink is not None and schedule.algorithm == "direct" and ex.nvlink.takes(out, red, wire_dtype):
+            ex.nvlink.all_reduce(out, red, wire_dtype)  # [Note: NVLink direct]
+            return
         wire = ex.run(schedule, out, red, wire_dtype=wire_dtype)
         if wire is not None:
             out.copy_(wire)

@@ -44,6 +44,10 @@ results may be overwritten. Buffers hold ``capacity`` bytes; a larger tensor
 goes in passes that fill them. Passes run on the communicator's stream, one
 after another.
 
+[Note: graphs] The epoch lives in device memory and is incremented by a kernel
+before each pass, so a CUDA graph that captured a call (collectives.graphs)
+raises fresh flags at every replay.
+
 Measured on 2 x H200 (in-place, CUDA-event timing, same run): fp32 231 / 837 /
 3308 us at 64 MiB / 256 MiB / 1 GiB against NCCL's 254 / 902 / 3273 (1.10x,
 1.08x, 0.99x); bf16 wire 140 / 480 / 1854 us (1.81x, 1.88x, 1.77x NCCL fp32).
@@ -95,12 +99,13 @@ if triton is not None:
         tl.debug_barrier()  # every thread's stores are issued before the flag is released
         tl.atomic_xchg(flag_ptr, epoch, sem="release", scope="sys")
 
-    @triton.jit(do_not_specialize=["epoch"])  # a new epoch every call: no recompiles at multiples of 16
-    def _all_reduce(x_ptr, out_ptr, buf_ptr, flags_ptr, peers_ptr, peer_flags_ptr, n, chunk, rank, epoch,
+    @triton.jit
+    def _all_reduce(x_ptr, out_ptr, buf_ptr, flags_ptr, peers_ptr, peer_flags_ptr, epoch_ptr, n, chunk, rank,
                     WORLD: tl.constexpr, OP: tl.constexpr, AVG: tl.constexpr, WIDE: tl.constexpr,
                     BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
+        epoch = tl.load(epoch_ptr)
         tiles = tl.cdiv(chunk, BLOCK)
         lanes = tl.arange(0, BLOCK)
         # [Note: one kernel, tile flags] step s pushes tile s, reduces tile s - nprog, pulls tile s - 2 nprog
@@ -181,17 +186,18 @@ def flag_words(capacity: int, world: int) -> int:
 
 
 def launch(x: torch.Tensor, out: torch.Tensor, buf: torch.Tensor, flags: torch.Tensor, peers: torch.Tensor,
-           peer_flags: torch.Tensor, rank: int, world: int, red: Reduction, epoch: int, grid: int) -> None:
+           peer_flags: torch.Tensor, epoch: torch.Tensor, rank: int, world: int, red: Reduction, grid: int) -> None:
     """One pass over flat ``x`` (read) into ``out`` (may be ``x``), after a barrier of all ranks.
 
     ``buf``: this rank's buffer, of the wire dtype, at least ``world * chunk_of(x.numel(), world)``
-    elements; ``flags``: its int32 flags, all below ``epoch``; ``peers``, ``peer_flags``: int64
+    elements; ``flags``: its int32 flags, all below ``epoch`` (a one-element int32 tensor on the device,
+    read when the kernel starts, so a captured CUDA graph sees each replay's); ``peers``, ``peer_flags``: int64
     addresses of every rank's buffer and flags. ``grid``: blocks ([Note: one kernel, tile flags])."""
     n = x.numel()
     chunk = chunk_of(n, world)
     tiles = triton.cdiv(chunk, BLOCK)
     _all_reduce[(max(1, min(grid, tiles)),)](
-        x, out, buf, flags, peers, peer_flags, n, chunk, rank, epoch, WORLD=world, OP=_OPS[red],
+        x, out, buf, flags, peers, peer_flags, epoch, n, chunk, rank, WORLD=world, OP=_OPS[red],
         AVG=red is Reduction.AVG, WIDE=x.dtype == torch.float64, BLOCK=BLOCK, num_warps=WARPS)
 
 
@@ -231,18 +237,17 @@ class NvlinkPeers:
         self.peers = torch.tensor(bases, dtype=torch.int64, device=device)
         self.peer_flags = torch.tensor([b + capacity for b in bases], dtype=torch.int64, device=device)
         self.grid = torch.cuda.get_device_properties(device).multi_processor_count * BLOCKS_PER_SM
-        self.epoch = 0
+        self.epoch = torch.zeros(1, dtype=torch.int32, device=device)  # on the device: [Note: graphs]
         torch.cuda.synchronize(device)
         self.handle.barrier(channel=0)  # every rank's flags are zero before anyone raises one
 
     def takes(self, t: torch.Tensor, red: Reduction | None, wire: torch.dtype | None) -> bool:
-        return (red in _OPS and t.dtype in DTYPES and (wire is None or wire in DTYPES)
-                and not torch.cuda.is_current_stream_capturing())
+        return red in _OPS and t.dtype in DTYPES and (wire is None or wire in DTYPES)
 
     def all_reduce(self, t: torch.Tensor, red: Reduction, wire: torch.dtype | None) -> None:
         buf = self.raw[:self.capacity].view(wire or t.dtype)
         for a, b in pieces(t.numel(), self.capacity, self.size, buf.element_size()):
-            self.epoch += 1
+            self.epoch.add_(1)
             self.handle.barrier(channel=0)  # the previous pass is over everywhere: its buffers are free
-            launch(t[a:b], t[a:b], buf, self.flags, self.peers, self.peer_flags, self.rank, self.size, red,
-                   self.epoch, self.grid)
+            launch(t[a:b], t[a:b], buf, self.flags, self.peers, self.peer_flags, self.epoch, self.rank, self.size,
+                   red, self.grid)

@@ -142,8 +142,9 @@ def fit_per_world(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: 
     fits = {ws: fit_sweeps(group, backend, min_bytes=min_bytes)[0] for ws, group in by_world.items()}
     top = max(fits)
     native = {k: v for p in fits.values() for k, v in p.native.items()}
+    kernels = {k: v for p in fits.values() for k, v in p.kernels.items()}
     worlds = {str(ws): {k: getattr(p, k) for k in _WORLD_FIELDS} for ws, p in fits.items() if ws != top}
-    params = replace(fits[top], native=native, worlds=worlds)
+    params = replace(fits[top], native=native, kernels=kernels, worlds=worlds)
     return params, _summary(sweeps, backend, params, min_bytes)
 
 
@@ -151,32 +152,45 @@ def fit_sweeps(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
                min_bytes: int = _MIN_BYTES) -> tuple[Params, dict[str, Any]]:
     """Fits one Params to several sweeps, each measured on its topology (see the module note)."""
     base = base or default_params(sweeps[0][0], backend)
-    native = {k: dict(v) for k, v in base.native.items()}
-    points: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (world, op) -> (bytes, s), every sweep
-    for topo, rows in sweeps:
-        for r in rows:
-            if r["algorithm"] == "native" and r["bytes"] >= min_bytes:
-                points.setdefault((str(topo.world_size), r["op"]), []).append((r["bytes"], r["time_us"] * 1e-6))
-    for (world, op), pts in sorted(points.items()):
-        if len(pts) >= 2:
-            S, t = np.array(pts, float).T
-            A = np.column_stack([np.ones_like(S), S]) / t[:, None]
-            line = [float(v) for v in nnls(A, np.ones_like(t))]
-            # model._measured_native: the lowest time at each size among its rows (in-place and
-            # out-of-place runs, every sweep of this world size): a hiccup only adds time, and one
-            # in a 5-iteration mean would otherwise stay in the table
-            table = [[s, float(np.min(t[S == s]))] for s in sorted(set(S.tolist()))]
-            # A device backend's times repeat to a few percent; on a time-shared CPU a table
-            # would keep one run's noise, so host backends keep the line.
-            native.setdefault(world, {})[op] = line + [table] if backend == "nccl" else line
-    params = replace(base, native=native, source="calibrated")
-    ours = [(topo, [r for r in rows if r["algorithm"] != "native" and r["bytes"] >= min_bytes])
+    native = _tables(sweeps, backend, base.native, min_bytes, lambda r: r["algorithm"] == "native")
+    kernels = _tables(sweeps, backend, base.kernels, min_bytes, _on_kernel)
+    params = replace(base, native=native, kernels=kernels, source="calibrated")
+    ours = [(topo, [r for r in rows if r["algorithm"] != "native" and not _on_kernel(r) and r["bytes"] >= min_bytes])
             for topo, rows in sweeps]
     if any(rows for _, rows in ours):
         params = _fit_theta([(topo, rows) for topo, rows in ours if rows], backend, params)
     if backend != "nccl":
         params = _fit_native_step(sweeps[0][1], sweeps[0][0], backend, params, min_bytes)
     return params, _summary(sweeps, backend, params, min_bytes)
+
+
+def _on_kernel(row: dict[str, Any]) -> bool:
+    """A row measured on our NVLink kernel (busbw marks them), priced from its own table."""
+    return row.get("path") == "nvlink"
+
+
+def _tables(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, base: dict, min_bytes: int,
+            wanted) -> dict[str, dict[str, list]]:
+    """world -> op -> [alpha, s/byte] (+ on NCCL the measured points) of the ``wanted`` rows, over base."""
+    out = {k: dict(v) for k, v in base.items()}
+    points: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (world, op) -> (bytes, s), every sweep
+    for topo, rows in sweeps:
+        for r in rows:
+            if wanted(r) and r["bytes"] >= min_bytes:
+                points.setdefault((str(topo.world_size), r["op"]), []).append((r["bytes"], r["time_us"] * 1e-6))
+    for (world, op), pts in sorted(points.items()):
+        if len(pts) >= 2:
+            S, t = np.array(pts, float).T
+            A = np.column_stack([np.ones_like(S), S]) / t[:, None]
+            line = [float(v) for v in nnls(A, np.ones_like(t))]
+            # model._measured: the lowest time at each size among its rows (in-place and
+            # out-of-place runs, every sweep of this world size): a hiccup only adds time, and one
+            # in a 5-iteration mean would otherwise stay in the table
+            table = [[s, float(np.min(t[S == s]))] for s in sorted(set(S.tolist()))]
+            # A device backend's times repeat to a few percent; on a time-shared CPU a table
+            # would keep one run's noise, so host backends keep the line.
+            out.setdefault(world, {})[op] = line + [table] if backend == "nccl" else line
+    return out
 
 
 def _summary(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, params: Params,

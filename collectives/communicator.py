@@ -169,6 +169,12 @@ class Communicator:
     # their rank waits, and a caller may post a send and then block on something else (a barrier,
     # another group) that the receiver only reaches after the send; gloo's threads move it anyway.
 
+    @property
+    def nvlink_direct(self) -> bool:
+        """Whether direct all-reduce runs as the NVLink kernel ([Note: NVLink direct]); known after the
+        first direct all-reduce (False before)."""
+        return self._executor.nvlink is not None
+
     def _open_nvlink(self) -> None:
         """Map the peers' memory for direct all-reduce over NVLink ([Note: NVLink direct]) where every rank
         can: the first direct all-reduce calls this on every rank alike (the set-up is collective)."""

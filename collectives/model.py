@@ -98,6 +98,8 @@ class Params:
     message_overhead: float = 0.0  # s of host work per message a rank sends or receives ([Note: messages])
     nodes: int = 1            # nodes of the run it was calibrated on: one node measures no inter-node link
     native: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # world -> op -> [alpha, s/byte]
+    # world -> op -> the same, for our kernels over NVLink (direct all-reduce: [Note: NVLink direct])
+    kernels: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     # world -> fields fitted on that many ranks of the same machine ([Note: per-world profiles])
     worlds: dict[str, dict[str, float]] = field(default_factory=dict)
     source: str = "defaults"
@@ -174,7 +176,7 @@ def for_topology(p: Params, topo: Topology) -> Params:
     """
     if topo.num_nodes < 2 or p.nodes > 1 or topo.nic is None:
         return p
-    return replace(p, inter_alpha=topo.nic.latency, inter_bandwidth=topo.nic.effective, native={},
+    return replace(p, inter_alpha=topo.nic.latency, inter_bandwidth=topo.nic.effective, native={}, kernels={},
                    source=f"{p.source} + inter-node {topo.nic.kind} from the topology")
 
 
@@ -230,8 +232,8 @@ def _bucket_size(key: tuple[int, int]) -> int:
     return (2 ** (b - 1)) if b < 3 else int((4 + sub + 0.5) * 2 ** (b - 3))
 
 
-def _measured_native(fit: list, S: np.ndarray) -> np.ndarray:
-    """A calibrated native collective: [alpha, seconds per byte] and, optionally, the measured (bytes,
+def _measured(fit: list, S: np.ndarray) -> np.ndarray:
+    """A calibrated black box (native, or our NVLink kernel): [alpha, seconds per byte] and, optionally, the measured (bytes,
     seconds) points it was fitted to. Between the first and last point the time is interpolated on
     log-log axes (NCCL switches protocol and algorithm with size, which no one line follows);
     elsewhere the line."""
@@ -297,14 +299,26 @@ class CostModel:
             return np.zeros_like(S)
         if algorithm == NATIVE:
             return np.min([t for _, t in self._native(coll, S, dtype)], axis=0)
+        fit = self._kernel(coll, algorithm)
+        if fit:
+            return _measured(fit, S)
         theta = self._theta(dtype)
         ks = [pipeline] if pipeline else (_pipelines(algorithm) if algorithms.pipelined(algorithm, coll) else (1,))
         return np.min([evaluate(self.struct(coll, algorithm, k), theta, S) for k in ks], axis=0)
 
+    def _kernel(self, coll: Collective, algorithm: str) -> list | None:
+        """The measured fit of ``algorithm`` where it runs as our NVLink kernel ([Note: NVLink direct]):
+        direct all-reduce with NCCL on one NVLink node, calibrated at this world size."""
+        if algorithm != "direct" or coll is not Collective.ALL_REDUCE or self.backend != "nccl":
+            return None
+        if not self.topology.one_nvlink_node:
+            return None
+        return self.params.kernels.get(str(self.topology.world_size), {}).get(coll.value) or None
+
     def _native(self, coll: Collective, S: np.ndarray, dtype: Any) -> list[tuple[str, np.ndarray]]:
         fit = self.params.native.get(str(self.topology.world_size), {}).get(coll.value)
         if fit:
-            return [("measured", _measured_native(fit, S))]
+            return [("measured", _measured(fit, S))]
         if self.backend == "nccl":
             call = self.params.call_overhead
             return [(lab, call + lat + S / bw) for lab, lat, bw, _ in nccl_options(self.topology, coll)]
@@ -415,6 +429,10 @@ class CostModel:
         coll = Collective(op)
         if self.topology.world_size < 2:
             return dict.fromkeys(("latency", "intra", "inter", "reduce"), 0.0)
+        fit = self._kernel(coll, algorithm)
+        if fit:
+            return {"latency": fit[0], "intra": fit[1] * nbytes, "inter": 0.0, "reduce": 0.0,
+                    "variant": "measured NVLink kernel"}
         if algorithm != NATIVE:
             return breakdown(self.struct(coll, algorithm, pipeline), self._theta(dtype), float(nbytes))
         fit = self.params.native.get(str(self.topology.world_size), {}).get(coll.value)

@@ -210,7 +210,7 @@ def unavailable(topology, backend: str, size: int) -> str | None:
         return "needs NCCL and two ranks or more"
     if triton is None:
         return "triton is not installed"
-    if topology.num_nodes != 1 or topology.fabric not in ("nvlink", "nvswitch"):
+    if not topology.one_nvlink_node:
         return "needs every rank on one node with NVLink between its GPUs"
     return None
 

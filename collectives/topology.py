@@ -162,6 +162,11 @@ class Topology:
                 out[r] = i * k // len(node)
         return out
 
+    @property
+    def one_nvlink_node(self) -> bool:
+        """Every rank on one node whose GPUs reach each other over NVLink (direct links or NVSwitch)."""
+        return self.num_nodes == 1 and self.fabric in ("nvlink", "nvswitch")
+
     def device_spec(self, rank: int = 0) -> GPUSpec:
         return gpu_spec(self.devices[rank])
 

@@ -238,7 +238,7 @@ def sweep(comm, opts: Options) -> int:
             if lead:
                 wrong += table.block(op, algorithm, results)
             new = _report.json_rows(op, algorithm, results, s, comm.size)
-            if op.name == "all_reduce" and algorithm == "direct" and comm.nvlink_direct:
+            if op.name in ("all_reduce", "reduce_scatter") and algorithm == "direct" and comm.nvlink_direct:
                 for row in new:
                     row["path"] = "nvlink"  # calibrate fits these rows a table of their own
             rows += new

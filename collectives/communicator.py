@@ -103,6 +103,8 @@ def _as_timedelta(timeout: float | datetime.timedelta | None) -> datetime.timede
     return datetime.timedelta(seconds=float(timeout))
 
 
+_NVLINK_OPS = (Collective.ALL_REDUCE, Collective.REDUCE_SCATTER)  # direct runs as the NVLink kernel
+
 class Communicator:
     def __init__(self, group: dist.ProcessGroup | None = None, *,
                  timeout: float | datetime.timedelta | None = None,
@@ -171,13 +173,13 @@ class Communicator:
 
     @property
     def nvlink_direct(self) -> bool:
-        """Whether direct all-reduce runs as the NVLink kernel ([Note: NVLink direct]); known after the
-        first direct all-reduce (False before)."""
+        """Whether direct all-reduce and reduce-scatter run as the NVLink kernel ([Note: NVLink direct]);
+        known after the first of them (False before)."""
         return self._executor.nvlink is not None
 
     def _open_nvlink(self) -> None:
-        """Map the peers' memory for direct all-reduce over NVLink ([Note: NVLink direct]) where every rank
-        can: the first direct all-reduce calls this on every rank alike (the set-up is collective)."""
+        """Map the peers' memory for direct all-reduce and reduce-scatter over NVLink ([Note: NVLink direct])
+        where every rank can: the first of those calls this on every rank alike (the set-up is collective)."""
         from . import nvlink
 
         self._nvlink_tried = True
@@ -188,7 +190,7 @@ class Communicator:
         try:
             self._executor.nvlink = nvlink.NvlinkPeers(self.group, self.device)
         except Exception as e:
-            raise RuntimeError(f"rank {self.rank}: direct all-reduce could not map the peers' memory over NVLink "
+            raise RuntimeError(f"rank {self.rank}: direct all-reduce / reduce-scatter could not map the peers' memory over NVLink "
                                f"({e}); set TOPOCOMM_NVLINK=0 to run it over NCCL send/recv instead") from e
 
     def __repr__(self) -> str:
@@ -325,7 +327,7 @@ class Communicator:
         nbytes = (inp if coll in (Collective.REDUCE_SCATTER, Collective.ALL_TO_ALL) else out)
         nbytes = nbytes.numel() * (nbytes.element_size() if wire is None else wire.itemsize)
         name, pipeline = self._select(coll, nbytes, wire or out.dtype, algorithm)
-        if name == "direct" and coll is Collective.ALL_REDUCE and not self._nvlink_tried:
+        if name == "direct" and coll in _NVLINK_OPS and not self._nvlink_tried:
             self._open_nvlink()
         if self._debug:
             self._check_same_call(coll, out, red, algorithm, root)

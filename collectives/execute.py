@@ -271,6 +271,9 @@ def run_collective(ex: Executor, schedule: Schedule, red: Reduction | None,
             finish_average(out, red, n)
     elif coll is Collective.REDUCE_SCATTER:
         assert inp is not None
+        if ex.nvlink is not None and schedule.algorithm == "direct" and ex.nvlink.takes(out, red, wire_dtype):
+            ex.nvlink.reduce_scatter(out, inp, red, wire_dtype)  # [Note: NVLink direct]
+            return
         work = inp.clone()
         ex.run(schedule, work, red, wire_dtype=wire_dtype)
         m = out.numel()

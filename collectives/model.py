@@ -98,7 +98,7 @@ class Params:
     message_overhead: float = 0.0  # s of host work per message a rank sends or receives ([Note: messages])
     nodes: int = 1            # nodes of the run it was calibrated on: one node measures no inter-node link
     native: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # world -> op -> [alpha, s/byte]
-    # world -> op -> the same, for our kernels over NVLink (direct all-reduce: [Note: NVLink direct])
+    # world -> op -> the same, for our kernel over NVLink (direct all-reduce, reduce-scatter: [Note: NVLink direct])
     kernels: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     # world -> fields fitted on that many ranks of the same machine ([Note: per-world profiles])
     worlds: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -247,6 +247,8 @@ def _measured(fit: list, S: np.ndarray) -> np.ndarray:
     return t
 
 
+_KERNEL_OPS = (Collective.ALL_REDUCE, Collective.REDUCE_SCATTER)  # direct runs as our NVLink kernel
+
 class CostModel:
     """Predicts collective times on a Topology for a backend and chooses the algorithm.
 
@@ -308,8 +310,8 @@ class CostModel:
 
     def _kernel(self, coll: Collective, algorithm: str) -> list | None:
         """The measured fit of ``algorithm`` where it runs as our NVLink kernel ([Note: NVLink direct]):
-        direct all-reduce with NCCL on one NVLink node, calibrated at this world size."""
-        if algorithm != "direct" or coll is not Collective.ALL_REDUCE or self.backend != "nccl":
+        direct all-reduce and reduce-scatter with NCCL on one NVLink node, calibrated at this world size."""
+        if algorithm != "direct" or coll not in _KERNEL_OPS or self.backend != "nccl":
             return None
         if not self.topology.one_nvlink_node:
             return None

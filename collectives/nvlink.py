@@ -1,4 +1,5 @@
-"""Direct's all-reduce on one NVLink node: stores and loads in peers' memory, in one Triton kernel.
+"""Direct's all-reduce and reduce-scatter on one NVLink node: stores and loads in peers' memory, in one
+Triton kernel.
 
 [Note: NVLink direct]
 ``direct`` all-reduce is two exchanges: every rank sends chunk q of its data to
@@ -28,6 +29,8 @@ loads in one Triton kernel. For each tile (BLOCK elements) of each chunk:
 
 A bf16 wire for float32 data costs no extra pass: the casts happen in the
 loads and stores that move the bytes, so half the bytes cross NVLink.
+Reduce-scatter is the same kernel without step 3: chunk r's result goes
+straight to rank r's output.
 
 [Note: one kernel, tile flags] Block b of the grid handles tiles b, b + G,
 b + 2G, ... (G blocks): at step s it pushes tile s, reduces tile s - G and
@@ -100,30 +103,34 @@ if triton is not None:
         tl.atomic_xchg(flag_ptr, epoch, sem="release", scope="sys")
 
     @triton.jit
-    def _all_reduce(x_ptr, out_ptr, buf_ptr, flags_ptr, peers_ptr, peer_flags_ptr, epoch_ptr, n, chunk, rank,
-                    WORLD: tl.constexpr, OP: tl.constexpr, AVG: tl.constexpr, WIDE: tl.constexpr,
-                    BLOCK: tl.constexpr):
+    def _direct(x_ptr, out_ptr, buf_ptr, flags_ptr, peers_ptr, peer_flags_ptr, epoch_ptr, n, chunk, stride, slot,
+                rank, WORLD: tl.constexpr, OP: tl.constexpr, AVG: tl.constexpr, WIDE: tl.constexpr,
+                GATHER: tl.constexpr, BLOCK: tl.constexpr):
+        """Chunk q of the input is x[q * stride:][:chunk] (only indices below n exist); slot q of each buffer
+        starts at q * slot. GATHER: all-reduce (the result lands in out at the input's place, and every
+        rank pulls every chunk); else reduce-scatter (chunk `rank`'s result lands in out[:chunk])."""
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         epoch = tl.load(epoch_ptr)
         tiles = tl.cdiv(chunk, BLOCK)
         lanes = tl.arange(0, BLOCK)
         # [Note: one kernel, tile flags] step s pushes tile s, reduces tile s - nprog, pulls tile s - 2 nprog
-        for s in range(pid, tiles + 2 * nprog, nprog):
+        last = tiles + 2 * nprog if GATHER else tiles + nprog
+        for s in range(pid, last, nprog):
             if s < tiles:  # push: tile s of chunk q into slot `rank` of rank q's buffer; raise q's flag
                 offs = s * BLOCK + lanes
                 for q in tl.static_range(WORLD):
                     if q != rank:
-                        src = q * chunk + offs
+                        src = q * stride + offs
                         mask = (offs < chunk) & (src < n)
                         v = tl.load(x_ptr + src, mask=mask)
                         dst = tl.multiple_of(tl.load(peers_ptr + q).to(buf_ptr.dtype), 16)  # [Note: vector width]
-                        tl.store(dst + rank * chunk + offs, v.to(buf_ptr.dtype.element_ty), mask=mask)
+                        tl.store(dst + rank * slot + offs, v.to(buf_ptr.dtype.element_ty), mask=mask)
                         _post(tl.load(peer_flags_ptr + q).to(flags_ptr.dtype) + rank * tiles + s, epoch)
             u = s - nprog
             if (u >= 0) & (u < tiles):  # reduce tile u of chunk `rank` once every peer's piece is in
                 offs = u * BLOCK + lanes
-                idx = rank * chunk + offs
+                idx = rank * stride + offs
                 mask = (offs < chunk) & (idx < n)
                 acc = tl.load(x_ptr + idx, mask=mask)
                 if WIDE:
@@ -133,7 +140,7 @@ if triton is not None:
                 for q in tl.static_range(WORLD):
                     if q != rank:
                         _wait(flags_ptr + q * tiles + u, epoch)
-                        v = tl.load(buf_ptr + q * chunk + offs, mask=mask).to(acc.dtype)
+                        v = tl.load(buf_ptr + q * slot + offs, mask=mask).to(acc.dtype)
                         if OP == 0:
                             acc = acc + v
                         elif OP == 1:
@@ -145,19 +152,22 @@ if triton is not None:
                 if AVG:
                     acc = acc / WORLD
                 res = acc.to(buf_ptr.dtype.element_ty)
-                tl.store(buf_ptr + rank * chunk + offs, res, mask=mask)
-                tl.store(out_ptr + idx, res.to(out_ptr.dtype.element_ty), mask=mask)
-                _post(flags_ptr + WORLD * tiles + u, epoch)
+                if GATHER:
+                    tl.store(buf_ptr + rank * slot + offs, res, mask=mask)
+                    tl.store(out_ptr + idx, res.to(out_ptr.dtype.element_ty), mask=mask)
+                    _post(flags_ptr + WORLD * tiles + u, epoch)
+                else:
+                    tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=mask)
             w = s - 2 * nprog
-            if w >= 0:  # pull: tile w of chunk q from slot q of rank q's buffer, once q has reduced it
+            if GATHER & (w >= 0):  # pull: tile w of chunk q from slot q of rank q's buffer, once q reduced it
                 offs = w * BLOCK + lanes
                 for q in tl.static_range(WORLD):
                     if q != rank:
-                        idx = q * chunk + offs
+                        idx = q * stride + offs
                         mask = (offs < chunk) & (idx < n)
                         _wait(tl.load(peer_flags_ptr + q).to(flags_ptr.dtype) + WORLD * tiles + w, epoch)
                         src = tl.multiple_of(tl.load(peers_ptr + q).to(buf_ptr.dtype), 16)
-                        v = tl.load(src + idx, mask=mask)
+                        v = tl.load(src + q * slot + offs, mask=mask)
                         tl.store(out_ptr + idx, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -167,11 +177,25 @@ def chunk_of(n: int, world: int) -> int:
 
 
 def pieces(n: int, capacity: int, world: int, itemsize: int) -> list[tuple[int, int]]:
-    """[start, stop) of each pass over ``n`` elements: ``world`` chunks of the wire dtype fit ``capacity`` bytes."""
+    """[start, stop) of each all-reduce pass over ``n`` elements: ``world`` chunks of the wire dtype fit
+    ``capacity`` bytes."""
+    return _spans(n, _per_slot(capacity, world, itemsize) * world)
+
+
+def block_pieces(m: int, capacity: int, world: int, itemsize: int) -> list[tuple[int, int]]:
+    """[start, stop) within each block of ``m`` elements of each reduce-scatter pass."""
+    return _spans(m, _per_slot(capacity, world, itemsize))
+
+
+def _per_slot(capacity: int, world: int, itemsize: int) -> int:
     per = capacity // (world * itemsize) // ALIGN * ALIGN
     if per <= 0:
         raise ValueError(f"capacity: {capacity} bytes cannot hold {world} aligned chunks")
-    out = [(a, min(a + per * world, n)) for a in range(0, n, per * world)]
+    return per
+
+
+def _spans(n: int, step: int) -> list[tuple[int, int]]:
+    out = [(a, min(a + step, n)) for a in range(0, n, step)]
     a, b = out[-1] if out else (0, 0)
     if (b - a) % VECTOR and b - a > VECTOR:  # [Note: vector width]
         out[-1:] = [(a, b - (b - a) % VECTOR), (b - (b - a) % VECTOR, b)]
@@ -187,7 +211,7 @@ def flag_words(capacity: int, world: int) -> int:
 
 def launch(x: torch.Tensor, out: torch.Tensor, buf: torch.Tensor, flags: torch.Tensor, peers: torch.Tensor,
            peer_flags: torch.Tensor, epoch: torch.Tensor, rank: int, world: int, red: Reduction, grid: int) -> None:
-    """One pass over flat ``x`` (read) into ``out`` (may be ``x``), after a barrier of all ranks.
+    """One all-reduce pass over flat ``x`` (read) into ``out`` (may be ``x``), after a barrier of all ranks.
 
     ``buf``: this rank's buffer, of the wire dtype, at least ``world * chunk_of(x.numel(), world)``
     elements; ``flags``: its int32 flags, all below ``epoch`` (a one-element int32 tensor on the device,
@@ -195,10 +219,25 @@ def launch(x: torch.Tensor, out: torch.Tensor, buf: torch.Tensor, flags: torch.T
     addresses of every rank's buffer and flags. ``grid``: blocks ([Note: one kernel, tile flags])."""
     n = x.numel()
     chunk = chunk_of(n, world)
+    _launch(x, out, buf, flags, peers, peer_flags, epoch, n, chunk, chunk, chunk, rank, world, red, grid, True)
+
+
+def launch_reduce_scatter(x: torch.Tensor, stride: int, out: torch.Tensor, buf: torch.Tensor, flags: torch.Tensor,
+                          peers: torch.Tensor, peer_flags: torch.Tensor, epoch: torch.Tensor, rank: int, world: int,
+                          red: Reduction, grid: int) -> None:
+    """One reduce-scatter pass: block q is ``x[q * stride:][:out.numel()]`` (``x`` a flat view that starts
+    at this pass's offset in block 0), and block ``rank``'s reduction lands in ``out``. As launch()."""
+    chunk = out.numel()
+    slot = -(-chunk // ALIGN) * ALIGN
+    _launch(x, out, buf, flags, peers, peer_flags, epoch, (world - 1) * stride + chunk, chunk, stride, slot, rank,
+            world, red, grid, False)
+
+
+def _launch(x, out, buf, flags, peers, peer_flags, epoch, n, chunk, stride, slot, rank, world, red, grid, gather):
     tiles = triton.cdiv(chunk, BLOCK)
-    _all_reduce[(max(1, min(grid, tiles)),)](
-        x, out, buf, flags, peers, peer_flags, epoch, n, chunk, rank, WORLD=world, OP=_OPS[red],
-        AVG=red is Reduction.AVG, WIDE=x.dtype == torch.float64, BLOCK=BLOCK, num_warps=WARPS)
+    _direct[(max(1, min(grid, tiles)),)](
+        x, out, buf, flags, peers, peer_flags, epoch, n, chunk, stride, slot, rank, WORLD=world, OP=_OPS[red],
+        AVG=red is Reduction.AVG, WIDE=x.dtype == torch.float64, GATHER=gather, BLOCK=BLOCK, num_warps=WARPS)
 
 
 def unavailable(topology, backend: str, size: int) -> str | None:
@@ -243,6 +282,16 @@ class NvlinkPeers:
 
     def takes(self, t: torch.Tensor, red: Reduction | None, wire: torch.dtype | None) -> bool:
         return red in _OPS and t.dtype in DTYPES and (wire is None or wire in DTYPES)
+
+    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, red: Reduction, wire: torch.dtype | None) -> None:
+        """``out`` (m elements) = the reduction of block ``rank`` of every rank's ``inp`` (size * m)."""
+        buf = self.raw[:self.capacity].view(wire or out.dtype)
+        m = out.numel()
+        for a, b in block_pieces(m, self.capacity, self.size, buf.element_size()):
+            self.epoch.add_(1)
+            self.handle.barrier(channel=0)
+            launch_reduce_scatter(inp[a:], m, out[a:b], buf, self.flags, self.peers, self.peer_flags, self.epoch,
+                                  self.rank, self.size, red, self.grid)
 
     def all_reduce(self, t: torch.Tensor, red: Reduction, wire: torch.dtype | None) -> None:
         buf = self.raw[:self.capacity].view(wire or t.dtype)

@@ -22,6 +22,10 @@ from .schedule import Collective, Recv, Schedule, Send
 from .topology import Topology
 
 _TIERS = ("intra", "inter", "local", "intra", "local")  # tier 3 (a pair of devices) is intra-node too
+import os
+_SHARED = os.environ.get('SHARED','1')=='1'
+_WC=float(os.environ.get('WC','2'))
+_WR=float(os.environ.get('WR','3'))
 SETUP = 4  # the tier of a collective's buffer copies outside its rounds ([Note: set-up copies])
 
 
@@ -57,12 +61,18 @@ class _Layout:
         return cls(node, nic, host, cpus, (tuple(map(tuple, topo.nodes)), topo.nics_per_node,
                                            tuple(host.tolist()), cpus))
 
-    def stretch(self, busy: np.ndarray) -> np.ndarray:
+    def stretch(self, busy: np.ndarray, work: np.ndarray | None = None) -> np.ndarray:
         """Per rank: how much longer its work takes with ``busy`` ranks sharing the host's CPUs."""
         if not self.cpus:
             return np.ones(len(self.node))
-        per_host = np.bincount(self.host[busy], minlength=int(self.host.max()) + 1)
-        return np.maximum(1.0, per_host[self.host] / self.cpus)
+        hosts = int(self.host.max()) + 1
+        per_host = np.bincount(self.host[busy], minlength=hosts)
+        m = np.maximum(1.0, per_host[self.host] / self.cpus)
+        if work is None or not _SHARED:
+            return m
+        total = np.bincount(self.host, work, minlength=hosts)[self.host]
+        fair = np.divide(total, self.cpus * work, out=m.copy(), where=work > 0)
+        return np.clip(fair, 1.0, m)
 
 
 Struct = tuple[tuple[int, np.ndarray], ...]  # ((count, lines (k, 5): tier, f, r, m, q), ...)
@@ -139,9 +149,13 @@ def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np
     busy[dst] = True
     lonely = np.flatnonzero((red > 0) & ~busy)
     busy[lonely] = True
-    m = lay.stretch(busy)
+    f = np.broadcast_to(np.asarray(frac, float), src.shape)
+    moved = np.bincount(src, f, minlength=n) + np.bincount(dst, f, minlength=n)
+    work = _WC * moved + _WR * red
+    m = lay.stretch(busy, work)
+    heavier = np.where(work[src] >= work[dst], m[src], m[dst])
     # Both ends of a transfer wait for it; the end that also reduces more finishes last.
-    lines = [_lines(edge_loads(lay, src, dst, frac), np.maximum(red[src], red[dst]), np.maximum(m[src], m[dst]),
+    lines = [_lines(edge_loads(lay, src, dst, frac), np.maximum(red[src], red[dst]), heavier if _SHARED else np.maximum(m[src], m[dst]),
                     np.maximum(q[src], q[dst])),
              np.column_stack([np.full(len(lonely), 2.0), np.zeros(len(lonely)), red[lonely], m[lonely], q[lonely]])]
     out = np.concatenate(lines)

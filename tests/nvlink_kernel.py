@@ -31,10 +31,13 @@ _REF = {Reduction.SUM: lambda s: s.sum(0), Reduction.AVG: lambda s: s.mean(0),
 ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -52}
 
 
-def run_case(world: int, n: int, dtype: torch.dtype, wire: torch.dtype | None, red: Reduction,
+def run_case(coll: str, world: int, n: int, dtype: torch.dtype, wire: torch.dtype | None, red: Reduction,
              capacity: int, seed: int = 0) -> str:
+    """all_reduce of n elements, or reduce_scatter of world * n elements (blocks of n) on every rank."""
     g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(n, generator=g, dtype=torch.float64).to(dtype).share_memory_() for _ in range(world)]
+    size = n * (world if coll == "reduce_scatter" else 1)
+    xs = [torch.randn(size, generator=g, dtype=torch.float64).to(dtype).share_memory_() for _ in range(world)]
+    outs = [torch.full((n,), float("nan"), dtype=dtype).share_memory_() for _ in range(world)]
     stack = torch.stack([x.double() for x in xs])
     want = _REF[red](stack)
     wdt = wire or dtype
@@ -44,14 +47,19 @@ def run_case(world: int, n: int, dtype: torch.dtype, wire: torch.dtype | None, r
     peer_flags = torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64)
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(world)
-    passes = NV.pieces(n, capacity, world, wdt.itemsize)
+    rs = coll == "reduce_scatter"
+    passes = NV.block_pieces(n, capacity, world, wdt.itemsize) if rs else NV.pieces(n, capacity, world, wdt.itemsize)
 
     def rank(r: int) -> None:
         epoch = torch.zeros(1, dtype=torch.int32)
         for a, b in passes:
             epoch += 1
             barrier.wait(60)
-            NV.launch(xs[r][a:b], xs[r][a:b], bufs[r], flags[r], peers, peer_flags, epoch, r, world, red, 1)
+            if rs:
+                NV.launch_reduce_scatter(xs[r][a:], n, outs[r][a:b], bufs[r], flags[r], peers, peer_flags, epoch,
+                                         r, world, red, 1)
+            else:
+                NV.launch(xs[r][a:b], xs[r][a:b], bufs[r], flags[r], peers, peer_flags, epoch, r, world, red, 1)
         os._exit(0)
 
     procs = [ctx.Process(target=rank, args=(r,)) for r in range(world)]
@@ -63,10 +71,13 @@ def run_case(world: int, n: int, dtype: torch.dtype, wire: torch.dtype | None, r
             for q in procs:
                 q.kill()
             raise AssertionError(f"a rank failed or hung (exit code {p.exitcode})")
-    case = f"world={world} n={n} {str(dtype)[6:]} wire={str(wire)[6:] if wire else '-'} {red.value}: "
-    for r in range(1, world):
-        assert torch.equal(xs[r], xs[0]), case + f"rank {r} differs from rank 0"
-    got = xs[0].double()
+    case = f"{coll} world={world} n={n} {str(dtype)[6:]} wire={str(wire)[6:] if wire else '-'} {red.value}: "
+    if rs:  # rank r holds block r of the reduction
+        got = torch.cat([o.double() for o in outs])
+    else:
+        for r in range(1, world):
+            assert torch.equal(xs[r], xs[0]), case + f"rank {r} differs from rank 0"
+        got = xs[0].double()
     if red in (Reduction.MAX, Reduction.MIN) and wdt == dtype:
         assert torch.equal(got, want), case + "max/min must be exact"
         return case + f"{len(passes)} passes, exact"
@@ -82,16 +93,21 @@ def run_case(world: int, n: int, dtype: torch.dtype, wire: torch.dtype | None, r
     return case + f"{len(passes)} passes, max error / bound {float((err / (bound + 1e-300)).max()):.3f}"
 
 
-CASES = [  # (world, n, dtype, wire, op, capacity bytes)
-    (2, 1, torch.float32, None, Reduction.SUM, 1 << 14),
-    (2, 5000, torch.float32, None, Reduction.SUM, 1 << 14),  # two full passes and a remainder pass
-    (2, 5000, torch.float32, torch.bfloat16, Reduction.SUM, 1 << 14),
-    (2, 4099, torch.bfloat16, None, Reduction.AVG, 1 << 14),
-    (3, 9001, torch.float32, None, Reduction.AVG, 1 << 14),
-    (3, 9001, torch.float32, torch.bfloat16, Reduction.MAX, 1 << 14),
-    (3, 700, torch.float64, None, Reduction.PROD, 1 << 12),
-    (4, 3000, torch.float16, None, Reduction.MIN, 1 << 13),
-    (4, 20000, torch.float32, torch.bfloat16, Reduction.SUM, 1 << 16),  # tiles of several blocks per chunk
+AR, RS = "all_reduce", "reduce_scatter"
+CASES = [  # (collective, world, n, dtype, wire, op, capacity bytes)
+    (AR, 2, 1, torch.float32, None, Reduction.SUM, 1 << 14),
+    (AR, 2, 5000, torch.float32, None, Reduction.SUM, 1 << 14),  # two full passes and a remainder pass
+    (AR, 2, 5000, torch.float32, torch.bfloat16, Reduction.SUM, 1 << 14),
+    (AR, 2, 4099, torch.bfloat16, None, Reduction.AVG, 1 << 14),
+    (AR, 3, 9001, torch.float32, None, Reduction.AVG, 1 << 14),
+    (AR, 3, 9001, torch.float32, torch.bfloat16, Reduction.MAX, 1 << 14),
+    (AR, 3, 700, torch.float64, None, Reduction.PROD, 1 << 12),
+    (AR, 4, 3000, torch.float16, None, Reduction.MIN, 1 << 13),
+    (AR, 4, 20000, torch.float32, torch.bfloat16, Reduction.SUM, 1 << 16),  # tiles of several blocks per chunk
+    (RS, 2, 1, torch.float32, None, Reduction.SUM, 1 << 14),
+    (RS, 2, 3001, torch.float32, None, Reduction.AVG, 1 << 14),  # blocks of an odd size, three passes
+    (RS, 3, 2500, torch.float32, torch.bfloat16, Reduction.SUM, 1 << 14),
+    (RS, 4, 1000, torch.bfloat16, None, Reduction.MAX, 1 << 13),
 ]
 
 

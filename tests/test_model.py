@@ -458,10 +458,10 @@ def test_measured_native_follows_its_points_and_the_line_outside():
     pts = [[1 << 16, 20e-6], [1 << 20, 20e-6], [1 << 24, 5e-6 + 1e-9 * (1 << 24)]]
     fit = [10e-6, 1e-9, pts]
     S = np.array([1 << 10, 1 << 16, 1 << 18, 1 << 20, 1 << 24, 1 << 28], dtype=float)
-    t = M._measured_native(fit, S)
+    t = M._measured(fit, S)
     assert t[1] == pytest.approx(20e-6) and t[2] == pytest.approx(20e-6) and t[4] == pytest.approx(pts[2][1])
     assert t[0] == pytest.approx(10e-6 + 1e-9 * S[0]) and t[5] == pytest.approx(10e-6 + 1e-9 * S[5])
-    assert np.all(M._measured_native(fit[:2], S) == 10e-6 + 1e-9 * S)  # a line alone (older profiles)
+    assert np.all(M._measured(fit[:2], S) == 10e-6 + 1e-9 * S)  # a line alone (older profiles)
 
 
 def test_profile_lookup(tmp_path, monkeypatch):

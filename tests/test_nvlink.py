@@ -75,7 +75,7 @@ def test_calibration_prices_the_kernel_from_its_own_rows():
     assert model.plan("all_reduce", 1 << 26).algorithm == "direct"
     assert model.terms("all_reduce", 1 << 26, "direct")["variant"] == "measured NVLink kernel"
     assert summary["within_25pct"] == 1.0
-    # Not for other ops, other backends or two nodes: there direct runs over send/recv.
+    # Not for an op without a table of its own, nor on two nodes (there direct runs over send/recv).
     structural = M.CostModel(topo, "nccl", profile=replace(params, kernels={}))
     assert model.predict("reduce_scatter", 1 << 26, "direct") != pytest.approx(kernel(1 << 26), rel=1e-3)
     two = Topology.preset("dgx-h200", nodes=2)

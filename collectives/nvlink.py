@@ -51,12 +51,13 @@ after another.
 before each pass, so a CUDA graph that captured a call (collectives.graphs)
 raises fresh flags at every replay.
 
-Measured on 2 x H200 (in-place, CUDA-event timing, same run): fp32 231 / 837 /
-3308 us at 64 MiB / 256 MiB / 1 GiB against NCCL's 254 / 902 / 3273 (1.10x,
-1.08x, 0.99x); bf16 wire 140 / 480 / 1854 us (1.81x, 1.88x, 1.77x NCCL fp32).
-Tiles of 1024 or 4096 elements, 8 or 16 warps, and 1, 2 or 4 blocks per SM
-were slower, by up to 20%. The earlier form (three kernels with device
-barriers between push, reduce and pull) ran 0.79x NCCL at 1 GiB.
+Measured on 2 x H200 (CUDA-event means, NCCL in the same run): fp32 231 / 837
+/ 3308 us at 64 MiB / 256 MiB / 1 GiB against NCCL's 254 / 902 / 3273 (1.10x,
+1.08x, 0.99x); bf16 wire 140 / 480 / 1854 us (1.81x, 1.88x, 1.77x NCCL's
+fp32). With each block's push, reduce and pull in sequence (no overlap between
+them) the same kernel ran 0.87-0.88x at 1 GiB. Of the settings tried (tiles
+of 1024 to 8192 elements, 4 to 16 warps, 1 to 8 blocks per SM) these were the
+fastest: benchmarks/results/gpu-h200x2-2026-11-27-nvlink.md.
 
 [Note: vector width] Triton emits 16-byte loads and stores only where it can
 prove a mask constant over each vector: the length of a pass must be a

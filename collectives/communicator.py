@@ -491,6 +491,7 @@ class Communicator:
         self.synchronize()
         if self._graphs is not None:
             self._graphs.clear()
+        self._executor.nvlink = None  # its symmetric buffer goes before the process group does
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None

@@ -39,9 +39,9 @@ reduction, with no barrier between the phases. Tile t of every chunk is
 pushed, reduced and pulled by the block of index t mod G on every rank, so a
 block waits only on blocks of its own index on other ranks, which wait only on
 earlier steps of theirs: the grid need not fit on the GPU at once. Flags hold
-the number of the pass that raised them (the epoch), so they are never reset;
-polls are acquire loads at system scope, raises release stores after a block
-barrier. A barrier of all ranks (torch's device barrier over the same memory)
+the number of the pass that raised them (the epoch, 64 bits: it never comes
+round again), so they are never reset; polls are acquire loads at system
+scope, raises release stores after a block barrier. A barrier of all ranks (torch's device barrier over the same memory)
 opens each pass: the previous pass is over everywhere, so its slots and
 results may be overwritten. Buffers hold ``capacity`` bytes; a larger tensor
 goes in passes that fill them. Passes run on the communicator's stream, one
@@ -204,7 +204,7 @@ def _spans(n: int, step: int) -> list[tuple[int, int]]:
 
 
 def flag_words(capacity: int, world: int) -> int:
-    """int32 flags a rank needs for passes that fill ``capacity`` bytes: (world + 1) per tile of the
+    """int64 flags a rank needs for passes that fill ``capacity`` bytes: (world + 1) per tile of the
     smallest dtype's chunk."""
     tiles = -(-(capacity // (world * 2)) // BLOCK)
     return (world + 1) * tiles
@@ -215,7 +215,7 @@ def launch(x: torch.Tensor, out: torch.Tensor, buf: torch.Tensor, flags: torch.T
     """One all-reduce pass over flat ``x`` (read) into ``out`` (may be ``x``), after a barrier of all ranks.
 
     ``buf``: this rank's buffer, of the wire dtype, at least ``world * chunk_of(x.numel(), world)``
-    elements; ``flags``: its int32 flags, all below ``epoch`` (a one-element int32 tensor on the device,
+    elements; ``flags``: its int64 flags, all below ``epoch`` (a one-element int64 tensor on the device,
     read when the kernel starts, so a captured CUDA graph sees each replay's); ``peers``, ``peer_flags``: int64
     addresses of every rank's buffer and flags. ``grid``: blocks ([Note: one kernel, tile flags])."""
     n = x.numel()
@@ -266,10 +266,11 @@ class NvlinkPeers:
 
         if capacity is None:
             capacity = int(os.environ.get("TOPOCOMM_NVLINK_BUFFER_BYTES", DEFAULT_CAPACITY))
+        capacity = capacity // 256 * 256  # every dtype's view, and the flags after it, stay aligned
         self.capacity = capacity
         words = flag_words(capacity, dist.get_world_size(group))
-        self.raw = symm_mem.empty(capacity + 4 * words, dtype=torch.uint8, device=device)
-        self.flags = self.raw[capacity:].view(torch.int32)
+        self.raw = symm_mem.empty(capacity + 8 * words, dtype=torch.uint8, device=device)
+        self.flags = self.raw[capacity:].view(torch.int64)
         self.flags.zero_()
         self.handle = symm_mem.rendezvous(self.raw, group)
         self.rank, self.size = self.handle.rank, self.handle.world_size
@@ -277,7 +278,7 @@ class NvlinkPeers:
         self.peers = torch.tensor(bases, dtype=torch.int64, device=device)
         self.peer_flags = torch.tensor([b + capacity for b in bases], dtype=torch.int64, device=device)
         self.grid = torch.cuda.get_device_properties(device).multi_processor_count * BLOCKS_PER_SM
-        self.epoch = torch.zeros(1, dtype=torch.int32, device=device)  # on the device: [Note: graphs]
+        self.epoch = torch.zeros(1, dtype=torch.int64, device=device)  # on the device: [Note: graphs]
         torch.cuda.synchronize(device)
         self.handle.barrier(channel=0)  # every rank's flags are zero before anyone raises one
 

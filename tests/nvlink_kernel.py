@@ -42,7 +42,7 @@ def run_case(coll: str, world: int, n: int, dtype: torch.dtype, wire: torch.dtyp
     want = _REF[red](stack)
     wdt = wire or dtype
     bufs = [torch.zeros(capacity // wdt.itemsize, dtype=wdt).share_memory_() for _ in range(world)]
-    flags = [torch.zeros(NV.flag_words(capacity, world), dtype=torch.int32).share_memory_() for _ in range(world)]
+    flags = [torch.zeros(NV.flag_words(capacity, world), dtype=torch.int64).share_memory_() for _ in range(world)]
     peers = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
     peer_flags = torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64)
     ctx = mp.get_context("fork")
@@ -51,7 +51,7 @@ def run_case(coll: str, world: int, n: int, dtype: torch.dtype, wire: torch.dtyp
     passes = NV.block_pieces(n, capacity, world, wdt.itemsize) if rs else NV.pieces(n, capacity, world, wdt.itemsize)
 
     def rank(r: int) -> None:
-        epoch = torch.zeros(1, dtype=torch.int32)
+        epoch = torch.zeros(1, dtype=torch.int64)
         for a, b in passes:
             epoch += 1
             barrier.wait(60)
@@ -105,6 +105,7 @@ CASES = [  # (collective, world, n, dtype, wire, op, capacity bytes)
     (AR, 4, 3000, torch.float16, None, Reduction.MIN, 1 << 13),
     (AR, 4, 20000, torch.float32, torch.bfloat16, Reduction.SUM, 1 << 16),  # tiles of several blocks per chunk
     (RS, 2, 1, torch.float32, None, Reduction.SUM, 1 << 14),
+    (RS, 2, 1, torch.float32, torch.bfloat16, Reduction.AVG, 1 << 14),
     (RS, 2, 3001, torch.float32, None, Reduction.AVG, 1 << 14),  # blocks of an odd size, three passes
     (RS, 3, 2500, torch.float32, torch.bfloat16, Reduction.SUM, 1 << 14),
     (RS, 4, 1000, torch.bfloat16, None, Reduction.MAX, 1 << 13),

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from . import algorithms
 from .model import (_WORLD_FIELDS, SETUP, THETA, CostModel, Params, _theta, coefficients, default_params,
                     evaluate, native_structs)
 from .schedule import Collective
@@ -71,8 +72,7 @@ def find_profile(topo: Topology, backend: str) -> Params | None:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        match = doc.get("match", {})
-        if all(want.get(k) == v for k, v in match.items()):
+        if all(want.get(k) == v for k, v in doc.get("match", {}).items()):
             return Params.from_json(doc["params"])
     return None
 
@@ -104,9 +104,10 @@ def nnls(A: np.ndarray, b: np.ndarray, iters: int = 200) -> np.ndarray:
     return x
 
 
-def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, theta: np.ndarray) -> np.ndarray:
+def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, theta: np.ndarray,
+             pipeline: int | None = None) -> np.ndarray:
     """d prediction / d theta at ``theta`` (the prediction is theta . features; order: model.THETA)."""
-    k = model.best_pipeline(coll, int(nbytes), algorithm)
+    k = pipeline or model.best_pipeline(coll, int(nbytes), algorithm)
     x = np.zeros(len(THETA))
     x[0] = 1
     for count, L in model.struct(coll, algorithm, k):
@@ -124,6 +125,18 @@ def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, 
             stretch = 1 if tier == 1 else m  # [Note: CPU stretch]: a wire is not slowed by busy cores
             x[{0: 4, 1: 5, 3: 7}[tier]] += count * stretch * L[j, 1] * nbytes
     return x
+
+
+# [Note: measured rows]
+# Like "auto" rows (load_rows), some busbw rows time more than one call of their algorithm at a known
+# schedule, and fit nothing. Out of place, all_reduce, broadcast and reduce run ``out.copy_(inp)`` and the
+# in-place call (benchmarks/_ops.py): 1.18-1.37x the in-place time at 16 MiB on 2 cores. Pipelined ones run
+# at the measuring model's depth, unrecorded unless a row has ``pipeline``: the 2-core fit sweep ran tree
+# in 8 parts at 16 MiB (the refit picks 2), and fitted, those rows hid direct's edge at 16 MiB.
+def _times_call(row: dict[str, Any]) -> bool:
+    """Whether ``row`` timed one call of its algorithm at a schedule the fit knows ([Note: measured rows])."""
+    copied = not row.get("in_place", True) and row["op"] in ("all_reduce", "broadcast", "reduce")
+    return not copied and ("pipeline" in row or not algorithms.pipelined(row["algorithm"], Collective(row["op"])))
 
 
 def fit(rows: list[dict[str, Any]], topo: Topology, backend: str, base: Params | None = None,
@@ -152,11 +165,11 @@ def fit_sweeps(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
                min_bytes: int = _MIN_BYTES) -> tuple[Params, dict[str, Any]]:
     """Fits one Params to several sweeps, each measured on its topology (see the module note)."""
     base = base or default_params(sweeps[0][0], backend)
-    native = _tables(sweeps, backend, base.native, min_bytes, lambda r: r["algorithm"] == "native")
-    kernels = _tables(sweeps, backend, base.kernels, min_bytes, _on_kernel)
+    native = _tables(sweeps, backend, base.native, min_bytes, lambda r: r["algorithm"] == "native" and _times_call(r))
+    kernels = _tables(sweeps, backend, base.kernels, min_bytes, lambda r: _on_kernel(r) and _times_call(r))
     params = replace(base, native=native, kernels=kernels, source="calibrated")
-    ours = [(topo, [r for r in rows if r["algorithm"] != "native" and not _on_kernel(r) and r["bytes"] >= min_bytes])
-            for topo, rows in sweeps]
+    ours = [(topo, [r for r in rows if r["algorithm"] != "native" and not _on_kernel(r) and r["bytes"] >= min_bytes
+                    and _times_call(r)]) for topo, rows in sweeps]
     if any(rows for _, rows in ours):
         params = _fit_theta([(topo, rows) for topo, rows in ours if rows], backend, params)
     if backend != "nccl":
@@ -183,12 +196,10 @@ def _tables(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, b
             S, t = np.array(pts, float).T
             A = np.column_stack([np.ones_like(S), S]) / t[:, None]
             line = [float(v) for v in nnls(A, np.ones_like(t))]
-            # model._measured: the lowest time at each size among its rows (in-place and
-            # out-of-place runs, every sweep of this world size): a hiccup only adds time, and one
-            # in a 5-iteration mean would otherwise stay in the table
+            # model._measured: the lowest time at each size among its rows (every sweep of this world
+            # size): a hiccup only adds time, and one in a 5-iteration mean would otherwise stay in the table
             table = [[s, float(np.min(t[S == s]))] for s in sorted(set(S.tolist()))]
-            # A device backend's times repeat to a few percent; on a time-shared CPU a table
-            # would keep one run's noise, so host backends keep the line.
+            # A device's times repeat to a few percent; a time-shared CPU's table would keep one run's noise.
             out.setdefault(world, {})[op] = line + [table] if backend == "nccl" else line
     return out
 
@@ -201,21 +212,14 @@ def _summary(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, 
     for topo, rows in sweeps:
         model = CostModel(topo, backend, profile=params)
         tag = f"{topo.world_size}r/" if len(sweeps) > 1 else ""
-        ratios.update({f'{tag}{r["op"]}/{r["algorithm"]}/{r["bytes"]}':
-                       model.predict(r["op"], r["bytes"], r["algorithm"]) / (r["time_us"] * 1e-6)
+        ratios.update({f'{tag}{r["op"]}/{r["algorithm"]}/{r["bytes"]}': 1e6 * model.predict(
+                       r["op"], r["bytes"], r["algorithm"], pipeline=r.get("pipeline")) / r["time_us"]
                        for r in rows if r["bytes"] >= min_bytes})
         picks += pick_results(model, rows, min_bytes)
     vals = np.array(list(ratios.values())) if ratios else np.ones(1)
-    summary = {"rows": len(ratios), "ratio_min": float(vals.min()), "ratio_max": float(vals.max()),
-               "within_25pct": float(np.mean(np.abs(vals - 1) <= 0.25)),
-               "pick_within_5pct": float(np.mean(picks)) if picks else 1.0, "ratios": ratios}
-    return summary
-
-
-def pick_quality(model: CostModel, rows: list[dict[str, Any]], min_bytes: int = _MIN_BYTES) -> float:
-    """Fraction of measured (op, size) cells where the model's pick ran within 5% of the fastest measured."""
-    good = pick_results(model, rows, min_bytes)
-    return float(np.mean(good)) if good else 1.0
+    return {"rows": len(ratios), "ratio_min": float(vals.min()), "ratio_max": float(vals.max()),
+            "within_25pct": float(np.mean(np.abs(vals - 1) <= 0.25)),
+            "pick_within_5pct": float(np.mean(picks)) if picks else 1.0, "ratios": ratios}
 
 
 def pick_results(model: CostModel, rows: list[dict[str, Any]], min_bytes: int = _MIN_BYTES) -> list[bool]:
@@ -237,7 +241,7 @@ def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
         theta = _theta(params)
         theta[7] = max(theta[7], slower * theta[4])
         for _ in range(8):
-            X = np.array([features(model, Collective(r["op"]), r["algorithm"], float(r["bytes"]), theta)
+            X = np.array([features(model, Collective(r["op"]), r["algorithm"], r["bytes"], theta, r.get("pipeline"))
                           for topo, rows in sweeps
                           for model in (CostModel(topo, backend, profile=_params(params, theta)),)
                           for r in rows])
@@ -251,7 +255,7 @@ def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
             theta = new
             if done:
                 break
-        pred = [model.predict(r["op"], r["bytes"], r["algorithm"])
+        pred = [model.predict(r["op"], r["bytes"], r["algorithm"], pipeline=r.get("pipeline"))
                 for topo, rows in sweeps
                 for model in (CostModel(topo, backend, profile=_params(params, theta)),)
                 for r in rows]
@@ -267,7 +271,7 @@ def _fit_native_step(rows: list[dict[str, Any]], topo: Topology, backend: str, p
     model = CostModel(topo, backend, profile=replace(params, native={}))
     theta, num, den = model._native_theta("float32"), 0.0, 0.0
     for r in rows:
-        if r["algorithm"] != "native" or r["bytes"] < min_bytes:
+        if r["algorithm"] != "native" or r["bytes"] < min_bytes or not _times_call(r):
             continue
         t, S = r["time_us"] * 1e-6, np.array([float(r["bytes"])])
         struct = native_structs(backend, model._lay, Collective(r["op"]))[0][1]()
@@ -279,11 +283,10 @@ def _fit_native_step(rows: list[dict[str, Any]], topo: Topology, backend: str, p
 
 
 def _params(p: Params, theta: np.ndarray) -> Params:
-    return replace(p, call_overhead=float(theta[0]), step_overhead=float(theta[1]), intra_alpha=float(theta[2]),
-                   inter_alpha=float(theta[3]), intra_bandwidth=float(1 / theta[4]),
-                   inter_bandwidth=float(1 / theta[5]), reduce_bandwidth=float(1 / theta[6]),
-                   pair_bandwidth=float(1 / theta[7]), oversubscribed_step=float(theta[8]),
-                   message_overhead=float(theta[9]))
+    t = [float(v) for v in theta]
+    return replace(p, call_overhead=t[0], step_overhead=t[1], intra_alpha=t[2], inter_alpha=t[3],
+                   intra_bandwidth=1 / t[4], inter_bandwidth=1 / t[5], reduce_bandwidth=1 / t[6],
+                   pair_bandwidth=1 / t[7], oversubscribed_step=t[8], message_overhead=t[9])
 
 
 def load_rows(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -338,7 +341,6 @@ def _time_one(comm, op: str, algo: str, nbytes: int, budget_s: float) -> float:
 
 
 def _cells(ops: tuple[str, ...] | None, sizes: tuple[int, ...], repeats: int) -> list[tuple[str, str, int]]:
-    from . import algorithms
     ops = ops or tuple(c.value for c in Collective)
     return [(op, a, s) for op in ops for a in algorithms.supported(Collective(op)) for s in sizes] * repeats
 
@@ -351,22 +353,21 @@ def _rows(comm, cells: list, budget_s: float) -> list[dict[str, Any]]:
         rows.append({"op": op, "algorithm": algo, "bytes": nbytes, "count": nbytes // 4, "dtype": "float32",
                      "time_us": t * 1e6, "algbw": algbw, "busbw": algbw * BUSBW_FACTOR[op](comm.size),
                      "wrong": 0, "predicted_us": comm.model.predict(op, nbytes, algo) * 1e6,
+                     "pipeline": comm.model.best_pipeline(op, nbytes, algo),  # the depth it ran at
                      "in_place": op in ("all_reduce", "broadcast", "reduce")})
     return rows
 
 
 def _fastest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     best: dict[tuple, dict] = {}
-    for row in rows:
+    for row in rows:  # the fastest of each (op, algorithm, size), in first-seen order
         key = (row["op"], row["algorithm"], row["bytes"])
-        if key not in best or row["time_us"] < best[key]["time_us"]:
-            best[key] = row
+        best[key] = min(best.get(key, row), row, key=lambda r: r["time_us"])
     return list(best.values())
 
 
 def _header(backend: str, n: int, repeats: int) -> dict[str, Any]:
     import platform
-
     import torch
     gpu = torch.cuda.get_device_name(0) if backend == "nccl" else None
     return {"machine": f"{platform.node()} ({usable_cpus()} CPUs{', ' + gpu if gpu else ''})",

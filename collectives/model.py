@@ -21,9 +21,10 @@ first reduces every round to a few "lines" (tier, f, r, m, q):
   gives p2p few channels, and on a switchless NVLink mesh a pair owns only
   its own links) or 2 (no transfer: a reduction alone);
 - r: the fraction the rank reduces;
-- m = busy ranks / cores >= 1 where a host has more ranks working in the round
-  than cores (CPU ranks: gloo's copies and the reductions slow down m times,
-  and a rank waiting on a descheduled peer pays a scheduler slice per step);
+- m >= 1 where a host has more ranks working in the round than cores: busy
+  ranks / cores, or less for a rank whose peers leave it the cores ([Note: shared
+  cores] in rounds.py). CPU ranks' copies and reductions slow down m times, and
+  a rank waiting on a descheduled peer pays a scheduler slice per step;
 - q: the messages (transfers sent or received) the busier end handles in the
   round, at least its host's messages over its cores ([Note: messages] in
   rounds.py): direct's n-1 sends and n-1 receives a round cost more host work

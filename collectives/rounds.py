@@ -22,10 +22,6 @@ from .schedule import Collective, Recv, Schedule, Send
 from .topology import Topology
 
 _TIERS = ("intra", "inter", "local", "intra", "local")  # tier 3 (a pair of devices) is intra-node too
-import os
-_SHARED = os.environ.get('SHARED','1')=='1'
-_WC=float(os.environ.get('WC','2'))
-_WR=float(os.environ.get('WR','3'))
 SETUP = 4  # the tier of a collective's buffer copies outside its rounds ([Note: set-up copies])
 
 
@@ -62,17 +58,15 @@ class _Layout:
                                            tuple(host.tolist()), cpus))
 
     def stretch(self, busy: np.ndarray, work: np.ndarray | None = None) -> np.ndarray:
-        """Per rank: how much longer its work takes with ``busy`` ranks sharing the host's CPUs."""
+        """Per rank: how much longer its ``work`` takes with ``busy`` ranks sharing the host's CPUs."""
         if not self.cpus:
             return np.ones(len(self.node))
         hosts = int(self.host.max()) + 1
-        per_host = np.bincount(self.host[busy], minlength=hosts)
-        m = np.maximum(1.0, per_host[self.host] / self.cpus)
-        if work is None or not _SHARED:
+        m = np.maximum(1.0, np.bincount(self.host[busy], minlength=hosts)[self.host] / self.cpus)
+        if work is None:
             return m
-        total = np.bincount(self.host, work, minlength=hosts)[self.host]
-        fair = np.divide(total, self.cpus * work, out=m.copy(), where=work > 0)
-        return np.clip(fair, 1.0, m)
+        fair = np.bincount(self.host, work, minlength=hosts)[self.host] / self.cpus  # [Note: shared cores]
+        return np.clip(np.divide(fair, work, out=m.copy(), where=work > 0), 1.0, m)
 
 
 Struct = tuple[tuple[int, np.ndarray], ...]  # ((count, lines (k, 5): tier, f, r, m, q), ...)
@@ -134,6 +128,13 @@ def messages(lay: _Layout, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.maximum(own, np.bincount(lay.host, own)[lay.host] / lay.cpus)
 
 
+# [Note: shared cores]
+# Ranks sharing a host's cores finish a round no sooner than the host's work over its cores, nor a rank
+# sooner than its own work alone (McNaughton's bound). Work is memory traffic: 2 per byte copied into or out
+# of a slot, 3 per byte reduced; a rank's stretch is host work / (cores * own work) within [1, busy / cores],
+# a transfer's that of its busier end. Balanced rounds (ring, halving-doubling, direct) keep busy / cores; in
+# tree all-reduce on 4 ranks, 2 cores the parents get 7/6 (14 / (2 * 6)), not 2. Tree / direct at 1, 4, 16 MiB
+# on the 2-core fit sweep (at the depths it ran, 2, 4, 8): 1.06, 1.24, 1.19; priced 1.08, 1.25, 1.19 (2: 1.26-1.52).
 def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.ndarray,
                 red_rank: np.ndarray | None = None, red_frac: float | np.ndarray = 0.0) -> np.ndarray:
     """The lines of one round: transfers src->dst moving ``frac`` of the buffer; ranks reducing."""
@@ -142,21 +143,16 @@ def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np
     if red_rank is not None and len(red_rank):
         np.add.at(red, np.asarray(red_rank, np.int64), np.broadcast_to(red_frac, np.shape(red_rank)))
     src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
-    moving = np.broadcast_to(np.asarray(frac, float), src.shape) > 0  # the executor skips empty transfers
-    q = messages(lay, src[moving], dst[moving])
-    busy = np.zeros(n, bool)
-    busy[src] = True
-    busy[dst] = True
+    f = np.broadcast_to(np.asarray(frac, float), src.shape)
+    q = messages(lay, src[f > 0], dst[f > 0])  # the executor skips empty transfers
+    busy = np.bincount(np.concatenate([src, dst]), minlength=n) > 0
     lonely = np.flatnonzero((red > 0) & ~busy)
     busy[lonely] = True
-    f = np.broadcast_to(np.asarray(frac, float), src.shape)
-    moved = np.bincount(src, f, minlength=n) + np.bincount(dst, f, minlength=n)
-    work = _WC * moved + _WR * red
-    m = lay.stretch(busy, work)
-    heavier = np.where(work[src] >= work[dst], m[src], m[dst])
-    # Both ends of a transfer wait for it; the end that also reduces more finishes last.
-    lines = [_lines(edge_loads(lay, src, dst, frac), np.maximum(red[src], red[dst]), heavier if _SHARED else np.maximum(m[src], m[dst]),
-                    np.maximum(q[src], q[dst])),
+    work = 2 * (np.bincount(src, f, minlength=n) + np.bincount(dst, f, minlength=n)) + 3 * red
+    m = lay.stretch(busy, work)  # [Note: shared cores]
+    # Both ends of a transfer wait for it; the end with more work (copies, reductions) finishes last.
+    heavy = np.where(work[src] >= work[dst], src, dst)
+    lines = [_lines(edge_loads(lay, src, dst, f), np.maximum(red[src], red[dst]), m[heavy], np.maximum(q[src], q[dst])),
              np.column_stack([np.full(len(lonely), 2.0), np.zeros(len(lonely)), red[lonely], m[lonely], q[lonely]])]
     out = np.concatenate(lines)
     return _pareto(out) if len(out) else np.zeros((0, 5))
@@ -182,13 +178,7 @@ def _pareto(lines: np.ndarray) -> np.ndarray:
 
 
 def _collect(rounds: list[np.ndarray]) -> Struct:
-    counts: Counter = Counter()
-    arrays: dict[bytes, np.ndarray] = {}
-    for lines in rounds:
-        k = lines.tobytes()
-        counts[k] += 1
-        arrays[k] = lines
-    return tuple((c, arrays[k]) for k, c in counts.items() if len(arrays[k]))
+    return join(tuple((1, lines) for lines in rounds if len(lines)))
 
 
 def evaluate(struct: Struct, theta: np.ndarray, nbytes: np.ndarray, step: float | None = None) -> np.ndarray:
@@ -286,11 +276,8 @@ def ring_struct(lay: _Layout, coll: Collective) -> Struct:
     dst = (src + 1) % n
     rs = round_lines(lay, src, dst, 1 / n, dst, np.full(n, 1 / n))
     ag = round_lines(lay, src, dst, 1 / n)
-    if coll is Collective.REDUCE_SCATTER:
-        return _collect([rs] * (n - 1))
-    if coll is Collective.ALL_GATHER:
-        return _collect([ag] * (n - 1))
-    return _collect([rs] * (n - 1) + [ag] * (n - 1))
+    phases = {Collective.REDUCE_SCATTER: [rs], Collective.ALL_GATHER: [ag]}.get(coll, [rs, ag])
+    return _collect([lines for lines in phases for _ in range(n - 1)])
 
 
 def chain_struct(lay: _Layout, pipeline: int, first: int = 0, reduce: bool = False) -> Struct:

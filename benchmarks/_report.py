@@ -14,11 +14,12 @@ import os
 import platform
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import torch
 
-from ._ops import BenchOp
+from ._ops import BenchOp, Layout
 from ._sweep import AGGREGATES, AUTO, Measurement, Result, Settings
 
 TYPE_NAMES = {torch.float32: "float", torch.float64: "double", torch.float16: "half", torch.bfloat16: "bfloat16",
@@ -155,17 +156,20 @@ def natural_time(op: BenchOp, r: Result) -> float:
     return m.time_us if m is not None else math.nan
 
 
-def json_rows(op: BenchOp, algorithm: str, results: list[Result], s: Settings, n: int) -> list[dict[str, Any]]:
+def json_rows(op: BenchOp, algorithm: str, results: list[Result], s: Settings, n: int,
+              depth: Callable[[Layout], int | None] = lambda lay: None) -> list[dict[str, Any]]:
+    """One row per measurement; ``depth(layout)``: the pipeline depth the call ran at, where it has one."""
     rows = []
     dtype = str(s.dtype).removeprefix("torch.")
     for r in results:
+        k = depth(r.layout)
         for in_place, m in ((False, r.out_of_place), (True, r.in_place)):
             if m is None:
                 continue
             algbw, busbw = bandwidths(r.layout.size, m.time_us, op.factor(n))
             rows.append({"op": op.name, "algorithm": algorithm, "bytes": r.layout.size, "count": r.layout.count,
                          "dtype": dtype, "time_us": m.time_us, "algbw": algbw, "busbw": busbw, "wrong": m.wrong,
-                         "predicted_us": r.predicted_us, "in_place": in_place})
+                         "predicted_us": r.predicted_us, "in_place": in_place, **({"pipeline": k} if k else {})})
     return rows
 
 

@@ -34,6 +34,9 @@ from pathlib import Path
 import torch
 from benchmarks._launch import LAUNCHER_ENV, launched, spawn, spawned
 
+from collectives import algorithms
+from collectives.schedule import Collective
+
 from . import _report
 from ._ops import OPS, BenchOp
 from ._sweep import AGGREGATES, AUTO, Result, Settings, run_size, run_sizes
@@ -237,7 +240,7 @@ def sweep(comm, opts: Options) -> int:
         for algorithm, results in blocks.items():
             if lead:
                 wrong += table.block(op, algorithm, results)
-            new = _report.json_rows(op, algorithm, results, s, comm.size)
+            new = _report.json_rows(op, algorithm, results, s, comm.size, _depth(comm, op.name, algorithm, s.dtype))
             if op.name in ("all_reduce", "reduce_scatter") and algorithm == "direct" and comm.nvlink_direct:
                 for row in new:
                     row["path"] = "nvlink"  # calibrate fits these rows a table of their own
@@ -258,6 +261,20 @@ def sweep(comm, opts: Options) -> int:
             plot(doc, opts.plot)
             table.print(f"# wrote {opts.plot}")
     return 1 if wrong else 0
+
+
+def _depth(comm, op: str, algorithm: str, dtype: torch.dtype):
+    """layout -> the pipeline depth ``algorithm`` runs at for it (as the communicator picks it), for the
+    rows calibration fits ([Note: measured rows] in collectives/calibrate.py); None where it has none."""
+    try:
+        coll = Collective(op)
+    except ValueError:
+        return lambda lay: None
+    if algorithm not in algorithms.names() or not algorithms.pipelined(algorithm, coll):
+        return lambda lay: None
+    blocks_in = coll in (Collective.REDUCE_SCATTER, Collective.ALL_TO_ALL)  # sized by the input, as in _call
+    return lambda lay: comm.model.best_pipeline(coll, (lay.inp if blocks_in else lay.out) * dtype.itemsize,
+                                                algorithm, dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

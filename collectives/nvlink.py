@@ -57,7 +57,7 @@ Measured on 2 x H200 (CUDA-event means, NCCL in the same run): fp32 231 / 837
 fp32). With each block's push, reduce and pull in sequence (no overlap between
 them) the same kernel ran 0.87-0.88x at 1 GiB. Of the settings tried (tiles
 of 1024 to 8192 elements, 4 to 16 warps, 1 to 8 blocks per SM) these were the
-fastest: benchmarks/results/gpu-h200x2-2026-11-27-nvlink.md.
+fastest, tied with 4096 x 8 x 4: benchmarks/results/gpu-h200x2-2026-11-27-nvlink.md.
 
 [Note: vector width] Triton emits 16-byte loads and stores only where it can
 prove a mask constant over each vector: the length of a pass must be a
@@ -82,7 +82,7 @@ try:
 except ImportError:  # pragma: no cover - triton comes with CUDA builds of torch
     triton = None
 
-BLOCK = 2048  # elements per tile; with WARPS and BLOCKS_PER_SM the fastest of 11 settings tried on 2 x H200
+BLOCK = 2048  # elements per tile; with WARPS and BLOCKS_PER_SM the fastest of 8 settings tried on 2 x H200
 WARPS = 4
 BLOCKS_PER_SM = 8  # blocks wait only on blocks of the same index elsewhere ([Note: one kernel, tile flags])
 VECTOR = 16  # elements: a pass whose length is a multiple vectorises its loads and stores
@@ -94,7 +94,7 @@ _OPS = {Reduction.SUM: 0, Reduction.AVG: 0, Reduction.MAX: 1, Reduction.MIN: 2, 
 if triton is not None:
     @triton.jit
     def _wait(flag_ptr, epoch):
-        while tl.atomic_cas(flag_ptr, epoch, epoch, sem="acquire", scope="sys") != epoch:  # a read that writes nothing
+        while tl.atomic_cas(flag_ptr, epoch, epoch, sem="acquire", scope="sys") != epoch:  # writes back only epoch
             pass
         tl.debug_barrier()  # the whole block reads after the one thread that saw the flag
 

@@ -8,7 +8,8 @@
 # (sweep2a: the sweep alone, before anything else starts).
 # Steps on 4 GPUs run one after another: busbw4all (every op), busbw4, busbw4rs, compressed4, zero4, pipeline4, train4,
 # and, not in the default list: p2p4 (the point-to-point ceiling), pipecases4 (every pipeline schedule
-# against one process over NCCL), sweep4 (the correctness sweep on 4 GPUs).
+# against one process over NCCL), sweep4 (the correctness sweep on 4 GPUs), nvlink4 and nvlink4v (the
+# NVLink kernel's sweeps for calibration and its check).
 # Logs and JSON land in $OUT; each step has its own time limit and a failed step does not stop the rest.
 # One 10-minute device slot does not hold them all: pass a few steps per slot. PACK=1 leaves one
 # $OUT/results.tgz (plus steps.txt) instead of the loose files, for runners that return few files.
@@ -83,6 +84,12 @@ want train4 && step train4 100 0,1,2,3 29521 4 -- -m benchmarks.train --json "$O
 want p2p4 && step p2p4 90 0,1,2,3 29521 4 -- -m benchmarks.p2p
 want pipecases4 && step pipecases4 120 0,1,2,3 29521 4 -- -m tests.pipeline_cases
 want sweep4 && step sweep4 150 0,1,2,3 29521 4 -- -m tests.gpu_sweep
+# The NVLink kernel's sweeps (direct all-reduce and reduce-scatter, -n 20): nvlink4 to fit a world-4 table into
+# the NCCL profile (collectives/calibrate.py, the rows marked path=nvlink), nvlink4v to check the refit.
+for v in nvlink4 nvlink4v; do
+    want $v && step $v 240 0,1,2,3 29521 4 -- -m benchmarks.busbw --op all_reduce,reduce_scatter --algo all -b 1K \
+        -e 1G -f 4 -n 20 -w 5 --json "$OUT/nccl-4gpu-busbw-$v.json"
+done
 cat "$OUT/steps.txt"
 if [[ "${PACK:-0}" == 1 ]]; then
     tar czf /tmp/topocomm_results.tgz -C "$OUT" --exclude=steps.txt . && find "$OUT" -mindepth 1 ! -name steps.txt -delete \

@@ -240,8 +240,9 @@ def sweep(comm, opts: Options) -> int:
         for algorithm, results in blocks.items():
             if lead:
                 wrong += table.block(op, algorithm, results)
-            new = _report.json_rows(op, algorithm, results, s, comm.size, _depth(comm, op.name, algorithm, s.dtype))
-            if op.name in ("all_reduce", "reduce_scatter") and algorithm == "direct" and comm.nvlink_direct:
+            coll = _collective(op.name)
+            new = _report.json_rows(op, algorithm, results, s, comm.size, _depth(comm, coll, algorithm, s.dtype))
+            if coll is not None and algorithms.nvlink_kernel(algorithm, coll) and comm.nvlink_direct:
                 for row in new:
                     row["path"] = "nvlink"  # calibrate fits these rows a table of their own
             rows += new
@@ -263,14 +264,17 @@ def sweep(comm, opts: Options) -> int:
     return 1 if wrong else 0
 
 
-def _depth(comm, op: str, algorithm: str, dtype: torch.dtype):
+def _collective(op: str) -> Collective | None:
+    try:
+        return Collective(op)
+    except ValueError:  # sendrecv
+        return None
+
+
+def _depth(comm, coll: Collective | None, algorithm: str, dtype: torch.dtype):
     """layout -> the pipeline depth ``algorithm`` runs at for it (as the communicator picks it), for the
     rows calibration fits ([Note: measured rows] in collectives/calibrate.py); None where it has none."""
-    try:
-        coll = Collective(op)
-    except ValueError:
-        return lambda lay: None
-    if algorithm not in algorithms.names() or not algorithms.pipelined(algorithm, coll):
+    if coll is None or algorithm not in algorithms.names() or not algorithms.pipelined(algorithm, coll):
         return lambda lay: None
     blocks_in = coll in (Collective.REDUCE_SCATTER, Collective.ALL_TO_ALL)  # sized by the input, as in _call
     return lambda lay: comm.model.best_pipeline(coll, (lay.inp if blocks_in else lay.out) * dtype.itemsize,

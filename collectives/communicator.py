@@ -103,8 +103,6 @@ def _as_timedelta(timeout: float | datetime.timedelta | None) -> datetime.timede
     return datetime.timedelta(seconds=float(timeout))
 
 
-_NVLINK_OPS = (Collective.ALL_REDUCE, Collective.REDUCE_SCATTER)  # direct runs as the NVLink kernel
-
 class Communicator:
     def __init__(self, group: dist.ProcessGroup | None = None, *,
                  timeout: float | datetime.timedelta | None = None,
@@ -128,70 +126,17 @@ class Communicator:
         self._nodes = tuple(tuple(n) for n in self.topology.nodes)
         self._p2p = transport  # point-to-point calls: [Note: shared memory between local ranks]
         if self.backend == "gloo" and self.size > 1 and os.environ.get("TOPOCOMM_SHM", "1") not in ("0", ""):
-            self._executor.transport = self._shared_memory(transport)
+            from .shm import shared_memory  # [Note: shared memory between local ranks] in shm.py
+
+            self._executor.transport = shared_memory(self, transport)
         self._nvlink_tried = False
         _OPEN.add(self)
-
-    def _shared_memory(self, fallback: TorchTransport):
-        """The executor's transport on gloo: shared memory between ranks of one host and node, gloo
-        for the rest (fallback itself where no two ranks share a host)."""
-        import socket
-        import warnings
-
-        from .shm import ShmTransport
-        try:
-            with open("/proc/sys/kernel/random/boot_id") as f:
-                boot = f.read().strip()
-        except OSError:
-            boot = ""
-        hosts = [tuple(h) for h in self.exchange_json([socket.gethostname(), boot])]
-        node = {r: i for i, ranks in enumerate(self.topology.nodes) for r in ranks}
-
-        def together(a: int, b: int) -> bool:
-            return hosts[a] == hosts[b] and a in node and b in node and node[a] == node[b]
-
-        if not any(together(a, b) for a in range(self.size) for b in range(a + 1, self.size)):
-            return fallback  # the same decision on every rank: hosts and nodes are everyone's
-        try:
-            return ShmTransport(self.group, [together(self.rank, p) for p in range(self.size)],
-                                timeout=self.timeout)
-        except (OSError, ValueError, RuntimeError) as e:  # set-up failures are raised on every rank alike
-            warnings.warn(f"topocomm: shared memory between local ranks is unavailable ({e}); "
-                          f"collectives use gloo", RuntimeWarning, stacklevel=3)
-            return fallback
-
-    # [Note: shared memory between local ranks]
-    # gloo moves every byte through the kernel's TCP loopback, even between processes of one host:
-    # on the 2-core reference machine a 16 MiB send took 16-20 ms with 4 ranks busy, against about
-    # 2 ms to copy it. So on gloo the executor's transport is collectives.shm.ShmTransport, which
-    # moves bytes between ranks of one host and node through shared memory (and the rest through
-    # gloo); TOPOCOMM_SHM=0 turns it off. "One node" is the topology's: ranks of emulated nodes on
-    # one host (separate network namespaces, torchrun agents) still talk through their network.
-    # Point-to-point calls (isend, irecv) stay on gloo: shared-memory transfers move only while
-    # their rank waits, and a caller may post a send and then block on something else (a barrier,
-    # another group) that the receiver only reaches after the send; gloo's threads move it anyway.
 
     @property
     def nvlink_direct(self) -> bool:
         """Whether direct all-reduce and reduce-scatter run as the NVLink kernel ([Note: NVLink direct]);
         known after the first of them (False before)."""
         return self._executor.nvlink is not None
-
-    def _open_nvlink(self) -> None:
-        """Map the peers' memory for direct all-reduce and reduce-scatter over NVLink ([Note: NVLink direct])
-        where every rank can: the first of those calls this on every rank alike (the set-up is collective)."""
-        from . import nvlink
-
-        self._nvlink_tried = True
-        why = nvlink.unavailable(self.topology, self.backend, self.size)
-        if why is not None:
-            return
-        self._drain()
-        try:
-            self._executor.nvlink = nvlink.NvlinkPeers(self.group, self.device)
-        except Exception as e:
-            raise RuntimeError(f"rank {self.rank}: direct all-reduce / reduce-scatter could not map the peers' memory over NVLink "
-                               f"({e}); set TOPOCOMM_NVLINK=0 to run it over NCCL send/recv instead") from e
 
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, size={self.size}, backend={self.backend!r})"
@@ -327,8 +272,11 @@ class Communicator:
         nbytes = (inp if coll in (Collective.REDUCE_SCATTER, Collective.ALL_TO_ALL) else out)
         nbytes = nbytes.numel() * (nbytes.element_size() if wire is None else wire.itemsize)
         name, pipeline = self._select(coll, nbytes, wire or out.dtype, algorithm)
-        if name == "direct" and coll in _NVLINK_OPS and not self._nvlink_tried:
-            self._open_nvlink()
+        if not self._nvlink_tried and algorithms.nvlink_kernel(name, coll):
+            from .nvlink import open_peers  # [Note: NVLink direct]
+
+            self._nvlink_tried = True
+            self._executor.nvlink = open_peers(self)
         if self._debug:
             self._check_same_call(coll, out, red, algorithm, root)
         self._seq += 1

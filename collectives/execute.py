@@ -254,10 +254,10 @@ def run_collective(ex: Executor, schedule: Schedule, red: Reduction | None,
     """
     rank, n = ex.transport.rank, schedule.world_size
     coll = schedule.collective
+    if ex.nvlink is not None and ex.nvlink.takes(schedule, out, red, wire_dtype):
+        ex.nvlink.run(coll, out, inp, red, wire_dtype)  # [Note: NVLink direct]
+        return
     if coll is Collective.ALL_REDUCE:
-        if ex.nvlink is not None and schedule.algorithm == "direct" and ex.nvlink.takes(out, red, wire_dtype):
-            ex.nvlink.all_reduce(out, red, wire_dtype)  # [Note: NVLink direct]
-            return
         wire = ex.run(schedule, out, red, wire_dtype=wire_dtype)
         if wire is not None:
             out.copy_(wire)
@@ -271,9 +271,6 @@ def run_collective(ex: Executor, schedule: Schedule, red: Reduction | None,
             finish_average(out, red, n)
     elif coll is Collective.REDUCE_SCATTER:
         assert inp is not None
-        if ex.nvlink is not None and schedule.algorithm == "direct" and ex.nvlink.takes(out, red, wire_dtype):
-            ex.nvlink.reduce_scatter(out, inp, red, wire_dtype)  # [Note: NVLink direct]
-            return
         work = inp.clone()
         ex.run(schedule, work, red, wire_dtype=wire_dtype)
         m = out.numel()

@@ -234,10 +234,10 @@ def _bucket_size(key: tuple[int, int]) -> int:
 
 
 def _measured(fit: list, S: np.ndarray) -> np.ndarray:
-    """A calibrated black box (native, or our NVLink kernel): [alpha, seconds per byte] and, optionally, the measured (bytes,
-    seconds) points it was fitted to. Between the first and last point the time is interpolated on
-    log-log axes (NCCL switches protocol and algorithm with size, which no one line follows);
-    elsewhere the line."""
+    """A calibrated black box (native, or our NVLink kernel): [alpha, seconds per byte] and, optionally,
+    the measured (bytes, seconds) points it was fitted to. Between the first and last point the time is
+    interpolated on log-log axes (NCCL switches protocol and algorithm with size, which no one line
+    follows); elsewhere the line."""
     t = fit[0] + fit[1] * S
     if len(fit) > 2 and len(fit[2]) >= 2:
         pts = np.asarray(fit[2], dtype=float)
@@ -247,8 +247,6 @@ def _measured(fit: list, S: np.ndarray) -> np.ndarray:
                                                    np.log(pts[:, 1]))), t)
     return t
 
-
-_KERNEL_OPS = (Collective.ALL_REDUCE, Collective.REDUCE_SCATTER)  # direct runs as our NVLink kernel
 
 class CostModel:
     """Predicts collective times on a Topology for a backend and chooses the algorithm.
@@ -312,9 +310,7 @@ class CostModel:
     def _kernel(self, coll: Collective, algorithm: str) -> list | None:
         """The measured fit of ``algorithm`` where it runs as our NVLink kernel ([Note: NVLink direct]):
         direct all-reduce and reduce-scatter with NCCL on one NVLink node, calibrated at this world size."""
-        if algorithm != "direct" or coll not in _KERNEL_OPS or self.backend != "nccl":
-            return None
-        if not self.topology.one_nvlink_node:
+        if not algorithms.nvlink_kernel(algorithm, coll) or self.backend != "nccl" or not self.topology.one_nvlink_node:
             return None
         return self.params.kernels.get(str(self.topology.world_size), {}).get(coll.value) or None
 
@@ -432,15 +428,14 @@ class CostModel:
         coll = Collective(op)
         if self.topology.world_size < 2:
             return dict.fromkeys(("latency", "intra", "inter", "reduce"), 0.0)
-        fit = self._kernel(coll, algorithm)
+        native = algorithm == NATIVE
+        fit = (self.params.native.get(str(self.topology.world_size), {}).get(coll.value) if native
+               else self._kernel(coll, algorithm))
         if fit:
             return {"latency": fit[0], "intra": fit[1] * nbytes, "inter": 0.0, "reduce": 0.0,
-                    "variant": "measured NVLink kernel"}
-        if algorithm != NATIVE:
+                    "variant": "measured" if native else "measured NVLink kernel"}
+        if not native:
             return breakdown(self.struct(coll, algorithm, pipeline), self._theta(dtype), float(nbytes))
-        fit = self.params.native.get(str(self.topology.world_size), {}).get(coll.value)
-        if fit:
-            return {"latency": fit[0], "intra": fit[1] * nbytes, "inter": 0.0, "reduce": 0.0, "variant": "measured"}
         if self.backend == "nccl":
             lab, lat, bw, tier = min(nccl_options(self.topology, coll), key=lambda o: o[1] + nbytes / o[2])
             return {"latency": self.params.call_overhead + lat, "intra": 0.0, "inter": 0.0, "reduce": 0.0,

@@ -74,7 +74,9 @@ import os
 import torch
 import torch.distributed as dist
 
+from . import algorithms
 from .ops import Reduction
+from .schedule import Collective, Schedule
 
 try:
     import triton
@@ -255,6 +257,19 @@ def unavailable(topology, backend: str, size: int) -> str | None:
     return None
 
 
+def open_peers(comm) -> NvlinkPeers | None:
+    """``comm``'s NvlinkPeers where every rank can map its peers' memory, else None. Collective: every rank
+    of ``comm`` calls it at the same point (its first call that would run the kernel)."""
+    if unavailable(comm.topology, comm.backend, comm.size) is not None:
+        return None
+    comm._drain()
+    try:
+        return NvlinkPeers(comm.group, comm.device)
+    except Exception as e:
+        raise RuntimeError(f"rank {comm.rank}: direct all-reduce / reduce-scatter could not map the peers' memory "
+                           f"over NVLink ({e}); set TOPOCOMM_NVLINK=0 to run it over NCCL send/recv instead") from e
+
+
 class NvlinkPeers:
     """This rank's symmetric buffer and its peers' addresses, for one process group on one NVLink node.
 
@@ -282,23 +297,24 @@ class NvlinkPeers:
         torch.cuda.synchronize(device)
         self.handle.barrier(channel=0)  # every rank's flags are zero before anyone raises one
 
-    def takes(self, t: torch.Tensor, red: Reduction | None, wire: torch.dtype | None) -> bool:
-        return red in _OPS and t.dtype in DTYPES and (wire is None or wire in DTYPES)
+    def takes(self, schedule: Schedule, out: torch.Tensor, red: Reduction | None, wire: torch.dtype | None) -> bool:
+        return (algorithms.nvlink_kernel(schedule.algorithm, schedule.collective) and red in _OPS
+                and out.dtype in DTYPES and (wire is None or wire in DTYPES))
 
-    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, red: Reduction, wire: torch.dtype | None) -> None:
-        """``out`` (m elements) = the reduction of block ``rank`` of every rank's ``inp`` (size * m)."""
+    def run(self, coll: Collective, out: torch.Tensor, inp: torch.Tensor | None, red: Reduction,
+            wire: torch.dtype | None) -> None:
+        """All-reduce of ``out`` in place, or reduce-scatter: ``out`` (m elements) = the reduction of block
+        ``rank`` of every rank's ``inp`` (size * m)."""
         buf = self.raw[:self.capacity].view(wire or out.dtype)
+        scatter = coll is Collective.REDUCE_SCATTER
         m = out.numel()
-        for a, b in block_pieces(m, self.capacity, self.size, buf.element_size()):
-            self.epoch.add_(1)
-            self.handle.barrier(channel=0)
-            launch_reduce_scatter(inp[a:], m, out[a:b], buf, self.flags, self.peers, self.peer_flags, self.epoch,
-                                  self.rank, self.size, red, self.grid)
-
-    def all_reduce(self, t: torch.Tensor, red: Reduction, wire: torch.dtype | None) -> None:
-        buf = self.raw[:self.capacity].view(wire or t.dtype)
-        for a, b in pieces(t.numel(), self.capacity, self.size, buf.element_size()):
+        spans = (block_pieces if scatter else pieces)(m, self.capacity, self.size, buf.element_size())
+        for a, b in spans:
             self.epoch.add_(1)
             self.handle.barrier(channel=0)  # the previous pass is over everywhere: its buffers are free
-            launch(t[a:b], t[a:b], buf, self.flags, self.peers, self.peer_flags, self.epoch, self.rank, self.size,
-                   red, self.grid)
+            if scatter:
+                launch_reduce_scatter(inp[a:], m, out[a:b], buf, self.flags, self.peers, self.peer_flags,
+                                      self.epoch, self.rank, self.size, red, self.grid)
+            else:
+                launch(out[a:b], out[a:b], buf, self.flags, self.peers, self.peer_flags, self.epoch, self.rank,
+                       self.size, red, self.grid)

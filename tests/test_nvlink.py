@@ -96,3 +96,38 @@ def test_kernel_rows_stay_out_of_the_fit_of_our_other_algorithms():
     both, _ = calibrate.fit_sweeps([(topo, ring + _rows(lambda s: 1e-6 + s / 1e12, sizes))], "nccl")
     assert M._theta(both) == pytest.approx(M._theta(alone))
     assert not alone.kernels and both.kernels
+
+
+def test_the_executor_hands_only_direct_all_reduce_and_reduce_scatter_to_the_kernel():
+    """run_collective's dispatch ([Note: NVLink direct]): direct all-reduce and reduce-scatter of float data go
+    to the kernel, untouched by the executor's own steps; other algorithms, ops and dtypes do not."""
+    import torch
+
+    from collectives import algorithms
+    from collectives.execute import Executor, run_collective
+    from collectives.ops import Reduction
+    from collectives.schedule import Collective
+
+    class Transport:
+        rank, size, backend = 0, 2, "nccl"
+
+        def post(self, sends, recvs):
+            raise AssertionError("the kernel's calls must not reach the transport")
+
+    calls = []
+    peers = object.__new__(nvlink.NvlinkPeers)  # no GPU: only takes() and a recording run()
+    peers.run = lambda *args: calls.append(args)
+    ex = Executor(Transport())
+    ex.nvlink = peers
+    out, inp = torch.ones(8), torch.ones(16)
+    for coll in (Collective.ALL_REDUCE, Collective.REDUCE_SCATTER):
+        src = inp if coll is Collective.REDUCE_SCATTER else None
+        run_collective(ex, algorithms.build("direct", coll, 2), Reduction.SUM, out, src, torch.bfloat16)
+    assert [(c[0], c[3], c[4]) for c in calls] == [(Collective.ALL_REDUCE, Reduction.SUM, torch.bfloat16),
+                                                   (Collective.REDUCE_SCATTER, Reduction.SUM, torch.bfloat16)]
+    assert calls[1][2] is inp and calls[0][1] is out
+    for name, coll in (("ring", Collective.ALL_REDUCE), ("direct", Collective.ALL_GATHER)):
+        assert not peers.takes(algorithms.build(name, coll, 2), out, Reduction.SUM, None)
+    direct = algorithms.build("direct", Collective.ALL_REDUCE, 2)
+    assert not peers.takes(direct, torch.ones(8, dtype=torch.int32), Reduction.SUM, None)
+    assert peers.takes(direct, out, Reduction.MAX, None)

@@ -72,6 +72,14 @@ _PIPELINED: set[tuple[str, Collective]] = {
 }
 
 
+def nvlink_kernel(name: str, collective: Collective) -> bool:
+    """True where ``name`` runs as the NVLink kernel on one NVLink node ([Note: NVLink direct] in nvlink.py)."""
+    return (name, collective) in _NVLINK
+
+
+_NVLINK = {("direct", Collective.ALL_REDUCE), ("direct", Collective.REDUCE_SCATTER)}
+
+
 @lru_cache(maxsize=1024)
 def build(name: str, collective: Collective, world_size: int, root: int | None = None,
           nodes: tuple[tuple[int, ...], ...] | None = None, pipeline: int = 1) -> Schedule:

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from benchmarks._launch import launched, spawn, write_json
 from benchmarks._timing import slowest
+from parallel.pipeline.backward import enabled as split_backward_enabled
 import torch.nn.functional as F
 from torch import nn
 
@@ -281,6 +282,7 @@ def header(comm, args, dtype: torch.dtype) -> dict:
             "torch": torch.__version__, "backend": comm.backend, "device": name, "ranks": comm.size,
             "cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()], "layers": args.layers, "hidden": args.hidden, "microbatch": args.microbatch,
             "dtype": str(dtype).removeprefix("torch."), "iters": args.iters, "rounds": args.rounds,
+            "split_backward": split_backward_enabled(),  # [Note: split backward]
             "command": "python -m benchmarks.pipeline " + " ".join(sys.argv[1:])}
 
 

@@ -92,6 +92,7 @@ def train_equivalence(comm, schedule: str, chunks: int, stages_per_rank: int | N
     tol = 1e-10 if dt == torch.float64 else 1e-5
     worst = _compare(pipe.module, ref, losses, ref_losses, tol)
     return {"worst": worst, "peak": pipe.stats.peak_activations, "stages": pipe.stage_ids,
+            "split": pipe.stats.split_backwards,
             "names": sorted(n for n, _ in pipe.module.named_parameters()), "balance": pipe.balance,
             "simulated_peak": list(pipe.simulation.peak_activations),
             "pair_links": sorted(pipe._runtime.links.pairs)}
@@ -173,7 +174,9 @@ def mesh_pp_dp(comm, schedule: str = "1f1b", chunks: int = 2, steps: int = 3, dp
     finally:
         del dp.all_reduce
     worst = _compare(pipe.module, ref, losses, ref_losses, 1e-10)
-    return {"worst": worst, "coords": mesh.coords, "reductions_per_step": len(calls) / steps}
+    return {"worst": worst, "coords": mesh.coords, "reductions_per_step": len(calls) / steps,
+            "split": pipe.stats.split_backwards, "later": chunks * sum(1 for s in pipe.stage_ids if s > 0),
+            "first_stage": min(pipe.stage_ids)}
 
 
 def expect_error(comm, case: str) -> str:

@@ -210,6 +210,8 @@ def test_training_equals_single_process(pool, schedule, world, chunks, v):
         assert all(r["peak"] == {i: chunks} for i, r in enumerate(res))
     for r in res:  # the runtime holds what the simulator predicts
         assert all(r["simulated_peak"][s] == n for s, n in r["peak"].items())
+        # every backward but the first stage's sends its input gradient before computing dW
+        assert r["split"] == chunks * sum(1 for s in r["stages"] if s > 0), r
     assert all(r["pair_links"] == [] for r in res)  # gloo keeps the communicator's transport
 
 
@@ -251,6 +253,9 @@ def test_mesh_layout(pool):
 def test_pp_dp_mesh_equals_single_process(pool, schedule, dp_mode, per_step):
     res = pool.run(4, "tests.pipeline_cases:mesh_pp_dp", schedule, dp_mode=dp_mode)
     assert all(r["reductions_per_step"] == per_step for r in res)
+    for r in res:  # a backward that DataParallel reduces runs in one pass ([Note: split backward])
+        last = 1 if r["first_stage"] > 0 else 0  # the rank's last backward is its first stage's
+        assert r["split"] == {"once": r["later"] - last, "every": 0, "manual": r["later"]}[dp_mode], r
 
 
 @pytest.mark.parametrize("case,message", [

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .backward import SplitBackward
 from .links import Links
 from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, PipelineSchedule, batches
 
@@ -54,6 +55,7 @@ class StepStats:
     # with profiling on: (action, start, end) in seconds from the step's start, compute actions only
     timeline: list[tuple[Action, float, float]] = field(default_factory=list)
     wall_s: float = 0.0
+    split_backwards: int = 0  # backwards run in two passes ([Note: split backward] in backward.py)
 
     @property
     def compute_s(self) -> float:
@@ -117,6 +119,7 @@ class _StepState:
 
     def __init__(self, stages: dict[int, nn.Module], loss_dtype: torch.dtype, device: torch.device) -> None:
         self.inputs: dict[tuple[int, int], torch.Tensor] = {}  # stage input, kept for its gradient
+        self.records: dict[tuple[int, int], list] = {}  # parameter-holding modules' outputs (backward.py)
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # stage output with its graph (the loss, last)
         self.handoff: dict[tuple, torch.Tensor] = {}  # same-rank neighbour stages: activation or gradient
         self.to_send: dict[Action, torch.Tensor] = {}  # input gradients waiting for their SEND_B
@@ -134,6 +137,7 @@ class Runtime:
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         self.comm, self.schedule, self.stages, self.loss_fn = comm, schedule, stages, loss_fn
         self.pool = _BufferPool()
+        self.split = SplitBackward({s: m for s, m in stages.items() if s > 0})  # [Note: split backward]
         self.items = batches(schedule.ranks[comm.rank])
         self.last = schedule.nstages - 1
         self.last_backward = max((k for k, it in enumerate(self.items) if isinstance(it, Action) and it.kind is B),
@@ -158,7 +162,10 @@ class Runtime:
         st = _StepState(self.stages, specs[-1].dtype, self.comm.device)
         timer = _Timer(self.comm.device, profile)
         wall = time.perf_counter()
+        early = -1  # a batch posted between a backward's two passes
         for k, item in enumerate(self.items):
+            if k == early:
+                continue
             if not isinstance(item, Action):
                 self._post(item, st, specs)
             elif item.kind is F:
@@ -167,11 +174,19 @@ class Runtime:
                 self._forward(item, inp, ys, st)
                 timer.stop(item, started)
             else:
+                syncing = grad_sync is not None and k == self.last_backward
                 if grad_sync is not None:
-                    grad_sync(k == self.last_backward)
+                    grad_sync(syncing)
                 grad = self._output_grad(item, len(xs), st)
                 started = timer.start()
-                self._backward(item, grad, st)
+                weights = self._backward(item, grad, st, not syncing and (
+                    grad_sync is not None or not self.split.hooked(item.stage)))
+                if weights is not None:  # [Note: split backward]: send the input gradient, then dW
+                    st.stats.split_backwards += 1
+                    if k + 1 < len(self.items) and not isinstance(self.items[k + 1], Action):
+                        self._post(self.items[k + 1], st, specs)
+                        early = k + 1
+                    weights()
                 timer.stop(item, started)
                 if item.stage < self.last and not self._local(item.stage, item.stage + 1):
                     self.pool.put(grad)  # stream-ordered on CUDA: a later receive into it waits for this backward
@@ -195,7 +210,10 @@ class Runtime:
 
     def _forward(self, a: Action, inp: torch.Tensor, ys, st: _StepState) -> None:
         s, i = a.stage, a.microbatch
-        out = self.stages[s](inp)
+        if s > 0:
+            out, st.records[(s, i)] = self.split.forward(lambda: self.stages[s](inp))
+        else:
+            out = self.stages[s](inp)
         if s == self.last:
             out = self.loss_fn(out, ys[i])
             st.loss_sum += out.detach().reshape(())
@@ -217,20 +235,35 @@ class Runtime:
         h.wait()
         return t
 
-    def _backward(self, a: Action, grad: torch.Tensor, st: _StepState) -> None:
+    def _backward(self, a: Action, grad: torch.Tensor, st: _StepState, may_split: bool):
+        """B(a): the one-pass backward (None), or its first pass, returning the second ([Note: split
+        backward]); either way the input's gradient is ready to send or hand over."""
         s, i = a.stage, a.microbatch
         out = st.outputs.pop((s, i))
-        if out.requires_grad:
-            torch.autograd.backward(out, grad)
+        records = st.records.pop((s, i), None)
         st.held[s] -= 1
-        if s > 0:
+        weights = g = None
+        if s == 0:
+            if out.requires_grad:
+                torch.autograd.backward(out, grad)
+        else:
             inp = st.inputs.pop((s, i))
-            g = inp.grad if inp.grad is not None else torch.zeros_like(inp)
+            if out.requires_grad:
+                g, weights = self.split.input_grad(s, out, grad, inp, records if may_split else None)
+            g = g if g is not None else torch.zeros_like(inp)
             if self._local(s - 1, s):
                 st.handoff[(s - 1, i, "grad")] = g
-            else:
-                st.to_send[Action(s, SEND_B, i)] = g
+                return weights
+            st.to_send[Action(s, SEND_B, i)] = g
+            if weights is None:
                 self.pool.put(inp)  # a received activation: its graph is gone
+                return None
+            second = weights
+
+            def weights() -> None:
+                second()
+                self.pool.put(inp)  # only now: pass 2 reads it (dW = dY^T X)
+        return weights
 
     def _post(self, batch: tuple[Action, ...], st: _StepState, specs: Sequence[Spec]) -> None:
         sends, recvs, recv_actions = [], [], []

@@ -1,0 +1,173 @@
+"""A stage's backward in two passes: the input's gradient first, the weights' after it is sent.
+
+[Note: split backward] In 1F1B's steady state, stage i runs B(k-1) and
+F(k+1) between its F(k) and its B(k), while the activation of micro-batch k
+travels to stage i+1, which runs F(k) and B(k), and B(k)'s input gradient
+travels back. With transfers of c seconds that loop is F + B + 2c against
+stage i's F + B: every slot of the schedule stretches by 2c, and with it the
+bubble (on 4 x H200, 16 MiB activations took c = 70 us one way: 0.2 ms
+of every 8.6 ms slot, 2% of the step at m = 16; torch's Schedule1F1B pays
+the same).
+
+Only the input gradient travels, though, and for layers such as Linear it is
+half of the backward's work: dX = dY W; the weight gradient dW = dY^T X is
+needed by no one until the optimiser step. So a stage's backward runs in two
+passes (as the zero-bubble schedules of Qi et al. 2023 split B and W):
+
+1. ``torch.autograd.grad`` of the stage's output for the stage's input and
+   for the output of every module that holds parameters (recorded by forward
+   hooks while the stage ran forward); weight gradients are not computed (no
+   requested tensor depends on them);
+2. after the runtime has posted the input gradient's send, for each such
+   module, last first, ``torch.autograd.backward`` of its output with the
+   gradient from pass 1, restricted to its own parameters: dW alone, from the
+   same dY and X, with the same kernels.
+
+The loop above becomes F + B_input + 2c against F + B_input + B_weight: the
+transfers hide behind the weight gradients. The drain of every schedule
+shortens the same way. Nothing is held longer than before (the graph lives
+until pass 2, which follows at once) and the stages' programs, the
+simulator's grids and peak activations are unchanged.
+
+Pass 2 is exact only if every parameter reaches the stage's output through
+the recorded outputs of modules that own it. Before a stage's first split
+backward its autograd graph is walked to check that (a parameter used by a
+module that does not own it, a module run under reentrant checkpointing, an
+output that is not a tensor with a graph...); a stage that fails the check,
+and the first stage (no input gradient to send), runs the one-pass backward.
+The verdict is kept per stage: the graph is assumed to keep its structure
+from step to step, as the agreed shapes assume ([Note: agreed shapes] in
+pipe.py). ``TOPOCOMM_PIPELINE_SPLIT_BACKWARD=0`` turns the split off.
+
+Pass 2 is several autograd runs, one per module, and a data-parallel wrapper
+takes the end of a run for the end of a backward (DataParallel reduces its
+buckets there, as DDP does). So a backward whose gradients a wrapper reduces
+runs in one pass: the rank's last backward of the step when the wrapper was
+given to ``Pipeline.set_data_parallel`` (the others accumulate only), and
+every backward of a stage whose parameters carry gradient hooks that the
+pipeline was not told about.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def enabled() -> bool:
+    return os.environ.get("TOPOCOMM_PIPELINE_SPLIT_BACKWARD", "1") not in ("0", "")
+
+
+class SplitBackward:
+    """Forward hooks that record parameter-holding modules' outputs, and the two backward passes."""
+
+    def __init__(self, stages: dict[int, nn.Module]) -> None:
+        self.recording: list[tuple[nn.Module, object]] | None = None
+        self.verdict: dict[int, bool] = {}
+        self.handles = []
+        self.params = {s: list(m.parameters()) for s, m in stages.items()}
+        for module in stages.values():
+            for mod in module.modules():
+                if next(mod.parameters(recurse=False), None) is not None:
+                    self.handles.append(mod.register_forward_hook(self._record))
+
+    def hooked(self, stage: int) -> bool:
+        """Whether a parameter of ``stage`` has gradient hooks (a data-parallel wrapper's, say)."""
+        return any(getattr(p, "_post_accumulate_grad_hooks", None) for p in self.params.get(stage, ()))
+
+    def _record(self, mod: nn.Module, args, output) -> None:
+        if self.recording is not None:
+            self.recording.append((mod, output))
+
+    def forward(self, fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list]:
+        """Run ``fn`` (one stage's forward) and return its result with the recorded (module, output)s."""
+        self.recording = []
+        try:
+            return fn(), self.recording
+        finally:
+            self.recording = None
+
+    def input_grad(self, stage: int, out: torch.Tensor, grad: torch.Tensor, inp: torch.Tensor,
+                   records: list) -> tuple[torch.Tensor | None, Callable[[], None] | None]:
+        """Pass 1 when the stage may split: (the input's gradient, pass 2 to call later). Else (``records``
+        None: the caller rules the split out) the one-pass backward: (the input's gradient, None)."""
+        ok = records is not None and enabled() and self.verdict.get(stage)
+        if ok is None:
+            ok = self.verdict[stage] = _splittable(out, inp, records, self.params.get(stage, ()))
+        if not ok:
+            torch.autograd.backward(out, grad)
+            return inp.grad, None
+        grads = torch.autograd.grad(out, [inp, *(y for _, y in records)], grad, retain_graph=True,
+                                    allow_unused=True)
+
+        def weights() -> None:
+            for (mod, y), dy in zip(reversed(records), reversed(grads[1:])):
+                params = [p for p in mod.parameters(recurse=False) if p.requires_grad]
+                if dy is not None and params:
+                    torch.autograd.backward(y, dy, inputs=params, retain_graph=True)
+
+        return grads[0], weights
+
+
+def _splittable(out: torch.Tensor, inp: torch.Tensor, records: list, params) -> bool:
+    """Whether every trainable parameter of the stage (``params``) is in ``out``'s graph, reached only
+    through the recorded output of a module that owns it ([Note: split backward]). One that is not
+    reached at all may be used behind a custom autograd Function (reentrant checkpointing computes its
+    parameters' gradients inside its own backward): that stage runs in one pass too. So does a stage where
+    one output of a module's weights lies in the graph of another (a module applied twice in a row): pass 2
+    from the later one would flow on into the earlier and count it twice."""
+    if out.grad_fn is None or not records:
+        return False
+    owners: dict = {}  # the grad_fn of a recorded output -> ids of its module's parameters
+    for mod, y in records:
+        if not isinstance(y, torch.Tensor) or y.grad_fn is None:
+            return False
+        owners.setdefault(y.grad_fn, set()).update(id(p) for p in mod.parameters(recurse=False))
+    leaf_ok = {id(inp)}
+    if not _leaves([out.grad_fn], owners) <= leaf_ok:
+        return False  # a parameter reached without passing through a module that owns it
+    reached: set[int] = set()
+    for node, allowed in owners.items():
+        found = _leaves([f for f, _ in node.next_functions], owners)
+        if not found <= allowed | leaf_ok:
+            return False
+        reached |= found
+    for node, mine in owners.items():  # pass 2 from node would flow on into another output of the same weights
+        shared = {other for other, theirs in owners.items() if other is not node and theirs & mine}
+        if shared and _reaches(node, shared):
+            return False
+    return {id(p) for p in params if p.requires_grad} <= reached
+
+
+def _reaches(start, targets) -> bool:
+    seen, todo = set(), [f for f, _ in start.next_functions]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        if node in targets:
+            return True
+        seen.add(node)
+        todo.extend(f for f, _ in node.next_functions)
+    return False
+
+
+def _leaves(start, stop) -> set[int]:
+    """ids of the leaf tensors (AccumulateGrad nodes) reachable from ``start`` without entering ``stop``."""
+    seen, found, todo = set(), set(), list(start)
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in stop:
+            continue
+        var = getattr(node, "variable", None)
+        if var is not None:
+            found.add(id(var))
+            continue
+        todo.extend(f for f, _ in node.next_functions)
+    return found

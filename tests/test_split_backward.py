@@ -1,0 +1,164 @@
+"""The pipeline's two-pass backward ([Note: split backward] in parallel/pipeline/backward.py), in one process:
+input gradient first, weight gradients after, equal to one ``backward()`` of the same stage."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from parallel.pipeline.backward import SplitBackward
+
+
+class Twice(nn.Module):
+    """One Linear applied twice (its weight reached through two recorded outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+class Tied(nn.Module):
+    """Uses its child's weight directly: a parameter reached outside the module that owns it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.lin(x) + x @ self.lin.weight
+
+
+class Scaled(nn.Module):
+    """A parameter of its own next to a child's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 5))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+class Checkpointed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return checkpoint(self.lin, x, use_reentrant=True)
+
+
+class Pair(nn.Module):
+    """Holds a parameter and returns a tuple: no one output to take its weight gradient from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 5))
+
+    def forward(self, x):
+        y = x * self.w
+        return y, y * 2
+
+
+class First(nn.Module):
+    def forward(self, xy):
+        return xy[0] + xy[1]
+
+    @staticmethod
+    def of_pair() -> nn.Module:
+        return nn.Sequential(_Dup(), First())
+
+
+class _Dup(nn.Module):
+    def forward(self, x):
+        return x, torch.sin(x)
+
+
+def _frozen() -> nn.Module:
+    m = nn.Sequential(nn.Linear(5, 5), nn.GELU(), nn.Linear(5, 5))
+    m[0].weight.requires_grad_(False)
+    return m
+
+
+CASES = {  # name -> (stage builder, whether it splits)
+    "linear-gelu-layernorm": (lambda: nn.Sequential(nn.Linear(5, 5), nn.GELU(), nn.LayerNorm(5), nn.Linear(5, 5)),
+                              True),
+    "inplace-relu": (lambda: nn.Sequential(nn.Linear(5, 5), nn.ReLU(inplace=True), nn.Linear(5, 5)), True),
+    "shared-module": (lambda: nn.Sequential(Twice(), nn.Linear(5, 5)), False),
+    "parent-and-child-parameters": (lambda: nn.Sequential(Scaled(), nn.Tanh()), True),
+    "frozen-weight": (_frozen, True),
+    "tied-weight": (lambda: nn.Sequential(Tied(), nn.Linear(5, 5)), False),
+    "reentrant-checkpoint": (lambda: nn.Sequential(Checkpointed(), nn.Linear(5, 5)), False),
+    "tuple-output": (lambda: nn.Sequential(Pair(), First(), nn.Linear(5, 5)), False),
+    "tuple-inside-a-parameter-free-module": (lambda: nn.Sequential(nn.Sequential(nn.Linear(5, 5)), First.of_pair(),
+                                                                   nn.Linear(5, 5)), True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_two_passes_equal_one_backward(name):
+    build, splits = CASES[name]
+    torch.manual_seed(0)
+    ref = build().double()
+    stage = copy.deepcopy(ref)
+    split = SplitBackward({1: stage})
+    for step in range(2):  # gradients accumulate across micro-batches, as in a pipeline step
+        x = torch.randn(3, 5, dtype=torch.float64)
+        dy = torch.randn(3, 5, dtype=torch.float64)
+
+        x_ref = x.clone().requires_grad_()
+        ref(x_ref).backward(dy)
+
+        inp = x.clone().requires_grad_()
+        out, records = split.forward(lambda: stage(inp))
+        g, weights = split.input_grad(1, out, dy, inp, records)
+        assert (weights is not None) == splits, name
+        if weights is not None:
+            assert all(p.grad is None for p in stage.parameters()) if step == 0 else True  # no dW in pass 1
+            weights()
+        torch.testing.assert_close(g, x_ref.grad, rtol=0, atol=1e-13)
+    for (n, p), q in zip(stage.named_parameters(), ref.parameters()):
+        if q.grad is None:
+            assert p.grad is None, n
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-13, msg=n)
+    assert split.verdict == {1: splits}
+
+
+def test_caller_can_rule_the_split_out():
+    stage = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    split = SplitBackward({1: stage})
+    inp = torch.randn(2, 4, requires_grad=True)
+    out, _ = split.forward(lambda: stage(inp))
+    g, weights = split.input_grad(1, out, torch.ones(2, 4), inp, None)  # records None: one pass
+    assert weights is None and g is not None and stage[0].weight.grad is not None
+    assert split.verdict == {}  # nothing decided for later backwards
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("TOPOCOMM_PIPELINE_SPLIT_BACKWARD", "0")
+    stage = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    split = SplitBackward({1: stage})
+    inp = torch.randn(2, 4, requires_grad=True)
+    out, records = split.forward(lambda: stage(inp))
+    _, weights = split.input_grad(1, out, torch.ones(2, 4), inp, records)
+    assert weights is None and stage[0].weight.grad is not None
+
+
+def test_hooks_are_seen_and_recording_is_scoped():
+    stage = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    split = SplitBackward({1: stage})
+    assert not split.hooked(1) and not split.hooked(0)
+    stage[2].weight.register_post_accumulate_grad_hook(lambda p: None)
+    assert split.hooked(1)
+    stage(torch.randn(1, 4))  # outside split.forward nothing is recorded
+    _, records = split.forward(lambda: stage(torch.randn(1, 4)))
+    assert [m for m, _ in records] == [stage[0], stage[2]]

@@ -17,8 +17,12 @@ schedule and micro-batch count it reports, per step:
   the runtime's per-action timeline, CUDA events on GPU), next to the bubble
   of that timeline replayed with free communication (``replay()``: what the
   stages' own measured times impose) and to (p - 1) / (v m + p - 1), which
-  assumes equal stages; and the idle fraction of the busiest rank (with
-  unequal stages the others idle longer for want of work, not for the
+  assumes equal stages whose backward is one piece ("theory"); the same
+  formula for a backward that hands its input gradient on before computing
+  the weight gradients ("split": ``split_bubble()`` with the measured
+  forward, backward and input-gradient times; [Note: split backward] in
+  parallel/pipeline/backward.py); and the idle fraction of the busiest rank
+  (with unequal stages the others idle longer for want of work, not for the
   schedule: the formula describes the rank that sets the pace);
 - the peak activations held per stage, as micro-batches (the runtime's
   count) against the bound (1F1B: p - i, GPipe: m), and as bytes of tensors
@@ -172,9 +176,10 @@ def profile_step(comm, pipe, x, y) -> dict:
     for p in pipe.module.parameters():
         p.grad = None
     tl = pipe.stats.timeline
+    first = pipe.stats.first_pass  # split backwards: when the input gradient was ready
     mine = {"busy": pipe.stats.compute_s, "span": max((e for _, _, e in tl), default=0.0),
             "peak": {str(s): n for s, n in pipe.stats.peak_activations.items()}, "saved_bytes": saved.peak,
-            "actions": [[a.stage, a.kind.value, a.microbatch, e - b] for a, b, e in sorted(
+            "actions": [[a.stage, a.kind.value, a.microbatch, e - b, first.get(a, e) - b] for a, b, e in sorted(
                 tl, key=lambda t: t[1])]}
     every = comm.exchange_json(mine)
     span = max(e["span"] for e in every)
@@ -183,15 +188,30 @@ def profile_step(comm, pipe, x, y) -> dict:
     replayed = replay([e["actions"] for e in every], pipe.nstages)
     peak = {int(s): n for e in every for s, n in e["peak"].items()}
     busiest = max(e["busy"] for e in every)
+    acts = [a for e in every for a in e["actions"]]
+    mean = {key: statistics.mean(a[i] for a in acts if a[1] == kind)
+            for key, kind, i in (("F", "F", 3), ("B", "B", 3), ("Bi", "B", 4))}
     return {"bubble": bubble, "bubble_replayed": 1.0 - busy / replayed if replayed else 0.0,
+            "forward_s": mean["F"], "backward_s": mean["B"], "backward_input_s": mean["Bi"],
             "bubble_busiest": 1.0 - busiest / span if span else 0.0,
             "peak": [peak[s] for s in sorted(peak)], "saved_bytes_per_rank": [e["saved_bytes"] for e in every]}
+
+
+def split_bubble(p: int, m: int, v: int, f: float, b: float, b_input: float) -> float:
+    """(p - 1) / (v m + p - 1) for a backward whose input gradient is ready after ``b_input`` of its ``b``
+    ([Note: split backward] in parallel/pipeline/backward.py): the fill and the drain wait on forwards
+    and on input gradients only, (p - 1)(f + b_input), against v m (f + b) of work per rank. With
+    b_input = b it is the formula itself."""
+    edge = (p - 1) * (f + b_input)
+    return edge / (v * m * (f + b) + edge)
 
 
 def replay(programs: list[list[list]], nstages: int) -> float:
     """The step's length if every compute action took its measured time and communication and launches
     cost nothing: each rank runs its actions in the order it ran them, each as soon as the rank is free
-    and its input exists (forward of stage s - 1, backward of stage s + 1; the same micro-batch).
+    and its input exists (forward of stage s - 1, backward of stage s + 1; the same micro-batch). An
+    action is [stage, kind, micro-batch, duration] or [..., duration, when its result is ready]: a split
+    backward's input gradient is ready before its weight gradients are done.
     Against the measured span this separates what the runtime adds from what the stages' own times
     (unequal stages: the first skips its input gradient, the last computes the loss) impose."""
     done: dict[tuple, float] = {}
@@ -202,13 +222,14 @@ def replay(programs: list[list[list]], nstages: int) -> float:
         moved = False
         for r, prog in enumerate(programs):
             while pc[r] < len(prog):
-                stage, kind, mb, dur = prog[pc[r]]
+                stage, kind, mb, dur, ready = (*prog[pc[r]], None)[:5]
                 dep = (stage - 1, "F", mb) if kind == "F" else ((stage + 1, "B", mb) if stage < nstages - 1
                                                                  else (stage, "F", mb))
                 if dep[0] >= 0 and dep not in done:
                     break
                 start = max(free[r], done.get(dep, 0.0))
-                free[r] = done[(stage, kind, mb)] = start + dur
+                free[r] = start + dur
+                done[(stage, kind, mb)] = start + (dur if ready is None else ready)
                 pc[r] += 1
                 left -= 1
                 moved = True
@@ -260,6 +281,10 @@ def run_config(comm, args, schedule: str, chunks: int, dtype: torch.dtype) -> li
                "batch": batch, "step_ms": med * 1e3, "step_ms_min": min(ts) * 1e3, "samples_per_s": batch / med}
         if name == "topocomm":
             row.update(bubble=prof["bubble"], bubble_theory=ideal_bubble(p, chunks, v),
+                       bubble_theory_split=split_bubble(p, chunks, v, prof["forward_s"], prof["backward_s"],
+                                                        prof["backward_input_s"]),
+                       forward_ms=prof["forward_s"] * 1e3, backward_ms=prof["backward_s"] * 1e3,
+                       backward_input_ms=prof["backward_input_s"] * 1e3,
                        bubble_replayed=prof["bubble_replayed"], bubble_busiest=prof["bubble_busiest"],
                        peak_microbatches=prof["peak"], peak_bound=bound(schedule, p, chunks, pipe.nstages),
                        saved_bytes_per_rank=prof["saved_bytes_per_rank"],
@@ -288,7 +313,8 @@ def header(comm, args, dtype: torch.dtype) -> dict:
 
 def print_head() -> None:
     print(f"{'schedule':>12} {'m':>3} {'impl':>9} {'step ms':>9} {'samples/s':>10} {'vs torch':>8} "
-          f"{'bubble':>7} {'busiest':>7} {'replay':>7} {'theory':>7}  peak micro-batches per stage (bound)",
+          f"{'bubble':>7} {'busiest':>7} {'replay':>7} {'theory':>7} {'split':>7}  "
+          "peak micro-batches per stage (bound)",
           flush=True)
 
 
@@ -298,7 +324,7 @@ def print_rows(rows: list[dict]) -> None:
         if r["impl"] == "topocomm":
             b = r.get("peak_bound")
             extra = (f"{r['bubble']:7.3f} {r['bubble_busiest']:7.3f} {r['bubble_replayed']:7.3f} "
-                     f"{r['bubble_theory']:7.3f}  "
+                     f"{r['bubble_theory']:7.3f} {r['bubble_theory_split']:7.3f}  "
                      f"{r['peak_microbatches']}"
                      + (f" ({b})" if b else ""))
         vs = f"{r['speedup_vs_torch']:7.2f}x" if "speedup_vs_torch" in r else ""

@@ -56,6 +56,8 @@ class StepStats:
     timeline: list[tuple[Action, float, float]] = field(default_factory=list)
     wall_s: float = 0.0
     split_backwards: int = 0  # backwards run in two passes ([Note: split backward] in backward.py)
+    # with profiling on: split backward -> when its first pass (the input gradient) ended, as in timeline
+    first_pass: dict[Action, float] = field(default_factory=dict)
 
     @property
     def compute_s(self) -> float:
@@ -69,6 +71,7 @@ class _Timer:
         self.cuda = device.type == "cuda"
         self.enabled = enabled
         self.marks: list[tuple[Action, object, object]] = []
+        self.mids: dict[Action, object] = {}
         self.origin = self._now() if enabled else None
 
     def _now(self):
@@ -84,6 +87,16 @@ class _Timer:
     def stop(self, a: Action, started) -> None:
         if self.enabled:
             self.marks.append((a, started, self._now()))
+
+    def mid(self, a: Action) -> None:
+        if self.enabled:
+            self.mids[a] = self._now()
+
+    def first_pass(self) -> dict[Action, float]:
+        """After timeline(): the marks of mid()."""
+        if self.cuda:
+            return {a: self.origin.elapsed_time(m) / 1e3 for a, m in self.mids.items()}
+        return {a: m - self.origin for a, m in self.mids.items()}
 
     def timeline(self) -> list[tuple[Action, float, float]]:
         if self.cuda:
@@ -183,6 +196,7 @@ class Runtime:
                     grad_sync is not None or not self.split.hooked(item.stage)))
                 if weights is not None:  # [Note: split backward]: send the input gradient, then dW
                     st.stats.split_backwards += 1
+                    timer.mid(item)
                     if k + 1 < len(self.items) and not isinstance(self.items[k + 1], Action):
                         self._post(self.items[k + 1], st, specs)
                         early = k + 1
@@ -195,6 +209,7 @@ class Runtime:
         st.stats.wall_s = time.perf_counter() - wall
         if profile:
             st.stats.timeline = timer.timeline()
+            st.stats.first_pass = timer.first_pass()
         return st.loss_sum, st.stats
 
     def _forward_input(self, a: Action, xs, st: _StepState) -> torch.Tensor:

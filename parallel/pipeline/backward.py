@@ -25,9 +25,12 @@ passes (as the zero-bubble schedules of Qi et al. 2023 split B and W):
 
 The loop above becomes F + B_input + 2c against F + B_input + B_weight: the
 transfers hide behind the weight gradients. The drain of every schedule
-shortens the same way. Nothing is held longer than before (the graph lives
-until pass 2, which follows at once) and the stages' programs, the
-simulator's grids and peak activations are unchanged.
+shortens the same way. The stages' programs, the simulator's grids and the
+peak activations are unchanged; what pass 1 adds is transient: the graph
+keeps its saved tensors until pass 2 (which follows at once) instead of
+freeing them node by node, and every module's output gradient dY waits for
+pass 2 (released one by one as it goes): about one micro-batch's module
+outputs, once, per stage.
 
 Pass 2 is exact only if every parameter reaches the stage's output through
 the recorded outputs of modules that own it. Before a stage's first split
@@ -103,8 +106,11 @@ class SplitBackward:
         grads = torch.autograd.grad(out, [inp, *(y for _, y in records)], grad, retain_graph=True,
                                     allow_unused=True)
 
+        pending = list(zip(records, grads[1:]))
+
         def weights() -> None:
-            for (mod, y), dy in zip(reversed(records), reversed(grads[1:])):
+            while pending:  # last module first, as one backward would; each dY is dropped once used
+                (mod, y), dy = pending.pop()
                 params = [p for p in mod.parameters(recurse=False) if p.requires_grad]
                 if dy is not None and params:
                     torch.autograd.backward(y, dy, inputs=params, retain_graph=True)

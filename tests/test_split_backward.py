@@ -82,6 +82,30 @@ class _Dup(nn.Module):
         return x, torch.sin(x)
 
 
+class Attention(nn.Module):
+    """MultiheadAttention returns a tuple and uses its out_proj's weight without running out_proj."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def forward(self, x):
+        out, weights = self.attn(x, x, x)  # need_weights: a second output with a graph, used below
+        return out + weights.sum(-1, keepdim=True)
+
+
+class TiedPair(nn.Module):
+    """Two Linears sharing one weight Parameter (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 5)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
 def _frozen() -> nn.Module:
     m = nn.Sequential(nn.Linear(5, 5), nn.GELU(), nn.Linear(5, 5))
     m[0].weight.requires_grad_(False)
@@ -96,6 +120,11 @@ CASES = {  # name -> (stage builder, whether it splits)
     "parent-and-child-parameters": (lambda: nn.Sequential(Scaled(), nn.Tanh()), True),
     "frozen-weight": (_frozen, True),
     "tied-weight": (lambda: nn.Sequential(Tied(), nn.Linear(5, 5)), False),
+    "tied-parameter-in-two-modules": (lambda: nn.Sequential(TiedPair()), False),
+    "transformer-encoder-layer": (lambda: nn.Sequential(
+        nn.TransformerEncoderLayer(6, 2, dim_feedforward=12, dropout=0.0, batch_first=True),
+        nn.TransformerEncoderLayer(6, 2, dim_feedforward=12, dropout=0.0, batch_first=True)), True),
+    "attention-with-weights": (lambda: nn.Sequential(Attention(), nn.Linear(6, 6)), True),
     "reentrant-checkpoint": (lambda: nn.Sequential(Checkpointed(), nn.Linear(5, 5)), False),
     "tuple-output": (lambda: nn.Sequential(Pair(), First(), nn.Linear(5, 5)), False),
     "tuple-inside-a-parameter-free-module": (lambda: nn.Sequential(nn.Sequential(nn.Linear(5, 5)), First.of_pair(),
@@ -110,9 +139,10 @@ def test_two_passes_equal_one_backward(name):
     ref = build().double()
     stage = copy.deepcopy(ref)
     split = SplitBackward({1: stage})
+    shape = (2, 3, 6) if name in ("transformer-encoder-layer", "attention-with-weights") else (3, 5)
     for step in range(2):  # gradients accumulate across micro-batches, as in a pipeline step
-        x = torch.randn(3, 5, dtype=torch.float64)
-        dy = torch.randn(3, 5, dtype=torch.float64)
+        x = torch.randn(*shape, dtype=torch.float64)
+        dy = torch.randn(*shape, dtype=torch.float64)
 
         x_ref = x.clone().requires_grad_()
         ref(x_ref).backward(dy)

@@ -15,13 +15,17 @@ needed by no one until the optimiser step. So a stage's backward runs in two
 passes (as the zero-bubble schedules of Qi et al. 2023 split B and W):
 
 1. ``torch.autograd.grad`` of the stage's output for the stage's input and
-   for the output of every module that holds parameters (recorded by forward
-   hooks while the stage ran forward); weight gradients are not computed (no
-   requested tensor depends on them);
+   for the outputs (a tensor, or the tensors of a tuple) of every call of a
+   module that holds parameters, recorded by forward hooks while the stage
+   ran forward; weight gradients are not computed (no requested tensor
+   depends on them);
 2. after the runtime has posted the input gradient's send, for each such
-   module, last first, ``torch.autograd.backward`` of its output with the
-   gradient from pass 1, restricted to its own parameters: dW alone, from the
-   same dY and X, with the same kernels.
+   call, last first, ``torch.autograd.backward`` of its outputs with the
+   gradients from pass 1, restricted to its parameters: dW alone, from the
+   same dY and X, with the same kernels. A parameter belongs to the nearest
+   recorded module among the one holding it and that one's ancestors
+   (MultiheadAttention uses its out_proj's weight without calling out_proj:
+   the attention's call takes it).
 
 The loop above becomes F + B_input + 2c against F + B_input + B_weight: the
 transfers hide behind the weight gradients. The drain of every schedule
@@ -72,10 +76,21 @@ class SplitBackward:
         self.verdict: dict[int, bool] = {}
         self.handles = []
         self.params = {s: list(m.parameters()) for s, m in stages.items()}
+        # id(parameter) -> the module holding it, then that module's ancestors within the stage
+        self.holders: dict[int, list[nn.Module]] = {}
         for module in stages.values():
+            parent = {child: mod for mod in module.modules() for child in mod.children()}
             for mod in module.modules():
-                if next(mod.parameters(recurse=False), None) is not None:
-                    self.handles.append(mod.register_forward_hook(self._record))
+                direct = list(mod.parameters(recurse=False))
+                if not direct:
+                    continue
+                self.handles.append(mod.register_forward_hook(self._record))
+                chain, m = [], mod
+                while m is not None:
+                    chain.append(m)
+                    m = parent.get(m)
+                for p in direct:
+                    self.holders.setdefault(id(p), chain)
 
     def hooked(self, stage: int) -> bool:
         """Whether a parameter of ``stage`` has gradient hooks (a data-parallel wrapper's, say)."""
@@ -93,48 +108,74 @@ class SplitBackward:
         finally:
             self.recording = None
 
+    def _plan(self, stage: int, records: list) -> list[tuple[list[torch.Tensor], list]] | None:
+        """Per recorded call: its output tensors that have a graph, and the parameters whose weight gradient
+        it gives (each parameter goes to the nearest recorded module among its holder and the holder's
+        ancestors: MultiheadAttention's out_proj, whose forward never runs, goes to the attention). None
+        when an output is neither a tensor nor a tuple or list of them."""
+        called = {id(mod) for mod, _ in records}
+        mine: dict[int, list] = {}
+        for p in self.params.get(stage, ()):
+            owner = next((m for m in self.holders.get(id(p), ()) if id(m) in called), None)
+            if owner is not None:
+                mine.setdefault(id(owner), []).append(p)
+        plan = []
+        for mod, output in records:
+            outs = [output] if isinstance(output, torch.Tensor) else (
+                list(output) if isinstance(output, (tuple, list)) else None)
+            if outs is None:
+                return None
+            plan.append(([t for t in outs if isinstance(t, torch.Tensor) and t.grad_fn is not None],
+                         mine.get(id(mod), [])))
+        return plan
+
     def input_grad(self, stage: int, out: torch.Tensor, grad: torch.Tensor, inp: torch.Tensor,
-                   records: list) -> tuple[torch.Tensor | None, Callable[[], None] | None]:
+                   records: list | None) -> tuple[torch.Tensor | None, Callable[[], None] | None]:
         """Pass 1 when the stage may split: (the input's gradient, pass 2 to call later). Else (``records``
         None: the caller rules the split out) the one-pass backward: (the input's gradient, None)."""
-        ok = records is not None and enabled() and self.verdict.get(stage)
+        plan = self._plan(stage, records) if records is not None and enabled() else None
+        ok = plan is not None and self.verdict.get(stage)
         if ok is None:
-            ok = self.verdict[stage] = _splittable(out, inp, records, self.params.get(stage, ()))
+            ok = self.verdict[stage] = _splittable(out, inp, plan, self.params.get(stage, ()))
         if not ok:
             torch.autograd.backward(out, grad)
             return inp.grad, None
-        grads = torch.autograd.grad(out, [inp, *(y for _, y in records)], grad, retain_graph=True,
-                                    allow_unused=True)
-
-        pending = list(zip(records, grads[1:]))
+        flat = [y for outs, _ in plan for y in outs]
+        grads = list(torch.autograd.grad(out, [inp, *flat], grad, retain_graph=True, allow_unused=True))
+        pending, k = [], 1
+        for outs, params in plan:
+            pending.append((outs, grads[k:k + len(outs)], params))
+            k += len(outs)
+        del grads[1:]
 
         def weights() -> None:
             while pending:  # last module first, as one backward would; each dY is dropped once used
-                (mod, y), dy = pending.pop()
-                params = [p for p in mod.parameters(recurse=False) if p.requires_grad]
-                if dy is not None and params:
-                    torch.autograd.backward(y, dy, inputs=params, retain_graph=True)
+                outs, dys, params = pending.pop()
+                params = [p for p in params if p.requires_grad]
+                pairs = [(y, dy) for y, dy in zip(outs, dys) if dy is not None]
+                if pairs and params:
+                    torch.autograd.backward([y for y, _ in pairs], [dy for _, dy in pairs], inputs=params,
+                                            retain_graph=True)
 
         return grads[0], weights
 
 
-def _splittable(out: torch.Tensor, inp: torch.Tensor, records: list, params) -> bool:
+def _splittable(out: torch.Tensor, inp: torch.Tensor, plan: list, params) -> bool:
     """Whether every trainable parameter of the stage (``params``) is in ``out``'s graph, reached only
-    through the recorded output of a module that owns it ([Note: split backward]). One that is not
+    through the recorded outputs that ``plan`` gives it to ([Note: split backward]). One that is not
     reached at all may be used behind a custom autograd Function (reentrant checkpointing computes its
     parameters' gradients inside its own backward): that stage runs in one pass too. So does a stage where
-    one output of a module's weights lies in the graph of another (a module applied twice in a row): pass 2
-    from the later one would flow on into the earlier and count it twice."""
-    if out.grad_fn is None or not records:
+    one output lies in the graph of another output that takes gradients for the same weights (a module
+    applied twice in a row): pass 2 from the later one would flow on into the earlier and count it twice."""
+    if out.grad_fn is None or not plan:
         return False
-    owners: dict = {}  # the grad_fn of a recorded output -> ids of its module's parameters
-    for mod, y in records:
-        if not isinstance(y, torch.Tensor) or y.grad_fn is None:
-            return False
-        owners.setdefault(y.grad_fn, set()).update(id(p) for p in mod.parameters(recurse=False))
+    owners: dict = {}  # the grad_fn of a recorded output -> ids of the parameters it takes gradients for
+    for outs, ps in plan:
+        for y in outs:
+            owners.setdefault(y.grad_fn, set()).update(id(p) for p in ps)
     leaf_ok = {id(inp)}
     if not _leaves([out.grad_fn], owners) <= leaf_ok:
-        return False  # a parameter reached without passing through a module that owns it
+        return False  # a parameter reached without passing through a recorded output
     reached: set[int] = set()
     for node, allowed in owners.items():
         found = _leaves([f for f, _ in node.next_functions], owners)

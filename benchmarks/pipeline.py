@@ -3,8 +3,9 @@
     python -m benchmarks.pipeline --nproc 2 [--json out.json]           # local gloo ranks on CPU
     torchrun --nproc-per-node 4 -m benchmarks.pipeline --json $OUT/pipeline.json   # GPUs, NCCL
 
-The model is ``--layers`` blocks of Linear(H, H) + GELU (balanced stages), a
-mean-squared-error loss, ``--microbatch`` rows per micro-batch. For every
+The model is ``--layers`` blocks of Linear(H, H) + GELU (balanced stages), or
+with ``--seq S`` of nn.TransformerEncoderLayer over S tokens, a
+mean-squared-error loss, ``--microbatch`` rows (sequences) per micro-batch. For every
 schedule and micro-batch count it reports, per step:
 
 - time and samples/s of ``parallel.Pipeline`` and of torch.distributed.pipelining
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages-per-rank", type=int, default=2, help="interleaved: stages per rank (default 2)")
     p.add_argument("--layers", type=int, default=16, help="Linear+GELU blocks (default 16)")
     p.add_argument("--hidden", type=int, help="width H (default 4096 on GPU, 512 on CPU)")
+    p.add_argument("--seq", type=int, default=0,
+                   help="> 0: transformer encoder layers over sequences of this many tokens instead of Linear + GELU")
     p.add_argument("--microbatch", type=int, help="rows per micro-batch (default 1024 on GPU, 32 on CPU)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--iters", type=int, default=5, help="timed steps per round (default 5)")
@@ -80,11 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
 # -- the model and the two pipelines ------------------------------------------------------
 
 
-def make_model(layers: int, hidden: int, dtype: torch.dtype) -> nn.Sequential:
+def make_model(layers: int, hidden: int, dtype: torch.dtype, seq: int = 0) -> nn.Sequential:
+    """``layers`` blocks of Linear(H, H) + GELU, or with ``seq`` > 0 of nn.TransformerEncoderLayer (H wide,
+    heads of 64, a 4H feed-forward, no dropout) over sequences of ``seq`` tokens."""
     torch.manual_seed(0)
     blocks: list[nn.Module] = []
     for _ in range(layers):
-        blocks += [nn.Linear(hidden, hidden), nn.GELU()]
+        if seq:
+            blocks.append(nn.TransformerEncoderLayer(hidden, max(1, hidden // 64), 4 * hidden, dropout=0.0,
+                                                     batch_first=True))
+        else:
+            blocks += [nn.Linear(hidden, hidden), nn.GELU()]
     return nn.Sequential(*blocks).to(dtype)
 
 
@@ -253,13 +262,14 @@ def run_config(comm, args, schedule: str, chunks: int, dtype: torch.dtype) -> li
     v = args.stages_per_rank if schedule == "interleaved" else 1
     if schedule == "interleaved" and chunks % p:
         return []
-    model = make_model(args.layers, args.hidden, dtype)
+    model = make_model(args.layers, args.hidden, dtype, args.seq)
     pipe = Pipeline(model, chunks=chunks, schedule=schedule, loss_fn=F.mse_loss, comm=comm,
                     stages_per_rank=v if schedule == "interleaved" else None)
     g = torch.Generator().manual_seed(1)
     batch = args.microbatch * chunks
-    x = torch.randn(batch, args.hidden, generator=g).to(dtype).to(comm.device)
-    y = torch.randn(batch, args.hidden, generator=g).to(dtype).to(comm.device)
+    shape = (batch, args.seq, args.hidden) if args.seq else (batch, args.hidden)
+    x = torch.randn(*shape, generator=g).to(dtype).to(comm.device)
+    y = torch.randn(*shape, generator=g).to(dtype).to(comm.device)
     impls = {"topocomm": (pipe.step, list(pipe.module.parameters()))}
     if not args.no_torch:
         step, mods = torch_pipeline(model, pipe.balance, schedule, chunks, comm, pipe.nstages)
@@ -288,7 +298,8 @@ def run_config(comm, args, schedule: str, chunks: int, dtype: torch.dtype) -> li
                        bubble_replayed=prof["bubble_replayed"], bubble_busiest=prof["bubble_busiest"],
                        peak_microbatches=prof["peak"], peak_bound=bound(schedule, p, chunks, pipe.nstages),
                        saved_bytes_per_rank=prof["saved_bytes_per_rank"],
-                       microbatch_activation_bytes=args.microbatch * args.hidden * dtype.itemsize)
+                       microbatch_activation_bytes=args.microbatch * max(1, args.seq) * args.hidden
+                       * dtype.itemsize)
         rows.append(row)
     if len(rows) == 2:  # paired: each round's torch median over ours, then the median over rounds
         ratios = [statistics.median(t) / statistics.median(o) for o, t in zip(rounds["topocomm"], rounds["torch"])]
@@ -305,9 +316,9 @@ def header(comm, args, dtype: torch.dtype) -> dict:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
             "torch": torch.__version__, "backend": comm.backend, "device": name, "ranks": comm.size,
-            "cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()], "layers": args.layers, "hidden": args.hidden, "microbatch": args.microbatch,
+            "cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()], "layers": args.layers, "hidden": args.hidden, "seq": args.seq, "microbatch": args.microbatch,
             "dtype": str(dtype).removeprefix("torch."), "iters": args.iters, "rounds": args.rounds,
-            "split_backward": split_backward_enabled(),  # [Note: split backward]
+            "split_backward": split_backward_enabled(comm.device),  # [Note: split backward]
             "command": "python -m benchmarks.pipeline " + " ".join(sys.argv[1:])}
 
 

@@ -210,8 +210,8 @@ def test_training_equals_single_process(pool, schedule, world, chunks, v):
         assert all(r["peak"] == {i: chunks} for i, r in enumerate(res))
     for r in res:  # the runtime holds what the simulator predicts
         assert all(r["simulated_peak"][s] == n for s, n in r["peak"].items())
-        # every backward but the first stage's sends its input gradient before computing dW
-        assert r["split"] == chunks * sum(1 for s in r["stages"] if s > 0), r
+        # every backward that sends an input gradient to another rank does so before computing dW
+        assert r["split"] == chunks * sum(1 for s in r["stages"] if s > 0 and (s - 1) % world != s % world), r
     assert all(r["pair_links"] == [] for r in res)  # gloo keeps the communicator's transport
 
 
@@ -225,6 +225,12 @@ def test_training_over_a_group_per_neighbouring_pair(pool, schedule, world, chun
         want = {s2 % world for s in stages if s % world == rank for s2 in (s - 1, s + 1)
                 if s2 in stages and s2 % world != rank}
         assert r["pair_links"] == sorted(want), (rank, r["pair_links"])
+
+
+def test_cpu_ranks_default_to_the_one_pass_backward(pool):
+    # [Note: split backward]: on by default for CUDA devices only; the result is the same either way
+    res = pool.run(2, "tests.pipeline_cases:train_equivalence", "1f1b", 4, split=None)
+    assert [r["split"] for r in res] == [0, 0]
 
 
 def test_training_float32_and_explicit_balance(pool):

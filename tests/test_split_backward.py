@@ -10,7 +10,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from parallel.pipeline.backward import SplitBackward
+from parallel.pipeline.backward import SplitBackward, enabled
+
+
+@pytest.fixture(autouse=True)
+def _split_on_cpu(monkeypatch):
+    monkeypatch.setenv("TOPOCOMM_PIPELINE_SPLIT_BACKWARD", "1")  # CPU tensors: off unless asked for
 
 
 class Twice(nn.Module):
@@ -181,6 +186,17 @@ def test_switched_off_by_the_environment(monkeypatch):
     out, records = split.forward(lambda: stage(inp))
     _, weights = split.input_grad(1, out, torch.ones(2, 4), inp, records)
     assert weights is None and stage[0].weight.grad is not None
+
+
+def test_the_setting(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.delenv("TOPOCOMM_PIPELINE_SPLIT_BACKWARD")
+    assert not enabled(cpu) and enabled(cuda)
+    monkeypatch.setenv("TOPOCOMM_PIPELINE_SPLIT_BACKWARD", "0")
+    assert not enabled(cuda)
+    monkeypatch.setenv("TOPOCOMM_PIPELINE_SPLIT_BACKWARD", "yes")
+    with pytest.raises(ValueError, match="TOPOCOMM_PIPELINE_SPLIT_BACKWARD"):
+        enabled(cpu)
 
 
 def test_hooks_are_seen_and_recording_is_scoped():

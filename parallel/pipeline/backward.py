@@ -44,7 +44,15 @@ output that is not a tensor with a graph...); a stage that fails the check,
 and the first stage (no input gradient to send), runs the one-pass backward.
 The verdict is kept per stage: the graph is assumed to keep its structure
 from step to step, as the agreed shapes assume ([Note: agreed shapes] in
-pipe.py). ``TOPOCOMM_PIPELINE_SPLIT_BACKWARD=0`` turns the split off.
+pipe.py).
+
+It is on for CUDA devices: there the transfers run beside the kernels that
+compute dW. On CPU ranks the same cores do both, and pass 2's extra autograd
+runs (one per recorded call) cost host time: on this project's 2-core
+machine, 2 gloo ranks, the split left the step time where it was for
+Linear stacks and slowed a small transformer by 10-20%. So CPU ranks keep
+the one-pass backward unless ``TOPOCOMM_PIPELINE_SPLIT_BACKWARD=1``
+(``=0`` turns it off everywhere).
 
 Pass 2 is several autograd runs, one per module, and a data-parallel wrapper
 takes the end of a run for the end of a backward (DataParallel reduces its
@@ -64,8 +72,14 @@ import torch
 from torch import nn
 
 
-def enabled() -> bool:
-    return os.environ.get("TOPOCOMM_PIPELINE_SPLIT_BACKWARD", "1") not in ("0", "")
+def enabled(device: torch.device | None = None) -> bool:
+    """``TOPOCOMM_PIPELINE_SPLIT_BACKWARD``: 1 on, 0 off; unset (or "auto"): on for CUDA devices only."""
+    value = os.environ.get("TOPOCOMM_PIPELINE_SPLIT_BACKWARD", "auto").strip().lower()
+    if value in ("", "auto"):
+        return device is not None and device.type == "cuda"
+    if value not in ("0", "1"):
+        raise ValueError(f"TOPOCOMM_PIPELINE_SPLIT_BACKWARD: expected 0, 1 or auto, got {value!r}")
+    return value == "1"
 
 
 class SplitBackward:
@@ -133,7 +147,7 @@ class SplitBackward:
                    records: list | None) -> tuple[torch.Tensor | None, Callable[[], None] | None]:
         """Pass 1 when the stage may split: (the input's gradient, pass 2 to call later). Else (``records``
         None: the caller rules the split out) the one-pass backward: (the input's gradient, None)."""
-        plan = self._plan(stage, records) if records is not None and enabled() else None
+        plan = self._plan(stage, records) if records is not None and enabled(out.device) else None
         ok = plan is not None and self.verdict.get(stage)
         if ok is None:
             ok = self.verdict[stage] = _splittable(out, inp, plan, self.params.get(stage, ()))

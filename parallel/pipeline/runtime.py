@@ -192,8 +192,9 @@ class Runtime:
                     grad_sync(syncing)
                 grad = self._output_grad(item, len(xs), st)
                 started = timer.start()
-                weights = self._backward(item, grad, st, not syncing and (
-                    grad_sync is not None or not self.split.hooked(item.stage)))
+                weights = self._backward(item, grad, st, not syncing and item.stage > 0
+                                         and not self._local(item.stage - 1, item.stage)  # nothing to send
+                                         and (grad_sync is not None or not self.split.hooked(item.stage)))
                 if weights is not None:  # [Note: split backward]: send the input gradient, then dW
                     st.stats.split_backwards += 1
                     timer.mid(item)

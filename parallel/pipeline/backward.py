@@ -14,11 +14,11 @@ half of the backward's work: dX = dY W; the weight gradient dW = dY^T X is
 needed by no one until the optimiser step. So a stage's backward runs in two
 passes (as the zero-bubble schedules of Qi et al. 2023 split B and W):
 
-1. ``torch.autograd.grad`` of the stage's output for the stage's input and
-   for the outputs (a tensor, or the tensors of a tuple) of every call of a
-   module that holds parameters, recorded by forward hooks while the stage
-   ran forward; weight gradients are not computed (no requested tensor
-   depends on them);
+1. ``torch.autograd.backward`` of the stage's output into the stage's input
+   and into the outputs (a tensor, or the tensors of a tuple) of every call
+   of a module that holds parameters, recorded by forward hooks while the
+   stage ran forward; their weight gradients are not computed (nothing
+   asked for depends on them);
 2. after the runtime has posted the input gradient's send, for each such
    call, last first, ``torch.autograd.backward`` of its outputs with the
    gradients from pass 1, restricted to its parameters: dW alone, from the
@@ -26,6 +26,16 @@ passes (as the zero-bubble schedules of Qi et al. 2023 split B and W):
    recorded module among the one holding it and that one's ancestors
    (MultiheadAttention uses its out_proj's weight without calling out_proj:
    the attention's call takes it).
+
+A call waits for pass 2 only if its weight gradients follow from its
+outputs' gradients directly: between them lie views, additions and the
+operations that take the weights (Linear's addmm, or matmul and bias add on
+3-D input; LayerNorm; convolutions). MultiheadAttention's in_proj weight is
+reached from its output only back through the whole attention, which pass 2
+would run again: measured on 2 x H200 (8 TransformerEncoderLayers of 1024
+over 256 tokens), deferring it made 1F1B 5% slower than the one-pass
+backward. Such a call's parameters get their gradients in pass 1 (they are
+asked for there too), so its backward runs once, as before.
 
 The loop above becomes F + B_input + 2c against F + B_input + B_weight: the
 transfers hide behind the weight gradients. The drain of every schedule
@@ -36,12 +46,13 @@ freeing them node by node, and every module's output gradient dY waits for
 pass 2 (released one by one as it goes): about one micro-batch's module
 outputs, once, per stage.
 
-Pass 2 is exact only if every parameter reaches the stage's output through
-the recorded outputs of modules that own it. Before a stage's first split
-backward its autograd graph is walked to check that (a parameter used by a
-module that does not own it, a module run under reentrant checkpointing, an
-output that is not a tensor with a graph...); a stage that fails the check,
-and the first stage (no input gradient to send), runs the one-pass backward.
+Pass 2 is exact only if every deferred parameter reaches the stage's output
+through the recorded outputs of the call it belongs to. Before a stage's
+first split backward its autograd graph is walked to check that (a parameter
+used outside the module that holds it, a module run under reentrant
+checkpointing, an output that is not a tensor or a tuple of them...); a
+stage that fails the check, and the first stage (no input gradient to send),
+runs the one-pass backward.
 The verdict is kept per stage: the graph is assumed to keep its structure
 from step to step, as the agreed shapes assume ([Note: agreed shapes] in
 pipe.py).
@@ -54,7 +65,7 @@ Linear stacks and slowed a small transformer by 10-20%. So CPU ranks keep
 the one-pass backward unless ``TOPOCOMM_PIPELINE_SPLIT_BACKWARD=1``
 (``=0`` turns it off everywhere).
 
-Pass 2 is several autograd runs, one per module, and a data-parallel wrapper
+Pass 2 is several autograd runs, one per call, and a data-parallel wrapper
 takes the end of a run for the end of a backward (DataParallel reduces its
 buckets there, as DDP does). So a backward whose gradients a wrapper reduces
 runs in one pass: the rank's last backward of the step when the wrapper was
@@ -148,59 +159,133 @@ class SplitBackward:
         """Pass 1 when the stage may split: (the input's gradient, pass 2 to call later). Else (``records``
         None: the caller rules the split out) the one-pass backward: (the input's gradient, None)."""
         plan = self._plan(stage, records) if records is not None and enabled(out.device) else None
-        ok = plan is not None and self.verdict.get(stage)
-        if ok is None:
-            ok = self.verdict[stage] = _splittable(out, inp, plan, self.params.get(stage, ()))
-        if not ok:
+        if plan is not None and stage not in self.verdict:
+            self.verdict[stage] = _deferrable(out, inp, plan, self.params.get(stage, ()))
+        later = self.verdict.get(stage) if plan is not None else None
+        if later is None or len(later) != len(plan) or not any(later):
             torch.autograd.backward(out, grad)
             return inp.grad, None
-        flat = [y for outs, _ in plan for y in outs]
-        grads = list(torch.autograd.grad(out, [inp, *flat], grad, retain_graph=True, allow_unused=True))
-        pending, k = [], 1
-        for outs, params in plan:
-            pending.append((outs, grads[k:k + len(outs)], params))
-            k += len(outs)
-        del grads[1:]
+        deferred = [(outs, ps) for (outs, ps), lat in zip(plan, later) if lat]
+        now = [p for (_, ps), lat in zip(plan, later) if not lat for p in ps if p.requires_grad]
+        ys = list({id(y): y for outs, _ in deferred for y in outs}.values())
+        # the deferred calls' output gradients land in their .grad; the other calls' weights get theirs now
+        torch.autograd.backward(out, grad, inputs=[inp, *ys, *list({id(p): p for p in now}.values())],
+                                retain_graph=True)
+        dys = {id(y): y.grad for y in ys}
+        for y in ys:
+            y.grad = None
+        pending = [(outs, [dys[id(y)] for y in outs], ps) for outs, ps in deferred]
+        del dys
 
         def weights() -> None:
             while pending:  # last module first, as one backward would; each dY is dropped once used
-                outs, dys, params = pending.pop()
+                outs, grads, params = pending.pop()
                 params = [p for p in params if p.requires_grad]
-                pairs = [(y, dy) for y, dy in zip(outs, dys) if dy is not None]
+                pairs = [(y, dy) for y, dy in zip(outs, grads) if dy is not None]
                 if pairs and params:
                     torch.autograd.backward([y for y, _ in pairs], [dy for _, dy in pairs], inputs=params,
                                             retain_graph=True)
+                    for y, _ in pairs:
+                        y.grad = None
 
-        return grads[0], weights
+        return inp.grad, weights
 
 
-def _splittable(out: torch.Tensor, inp: torch.Tensor, plan: list, params) -> bool:
-    """Whether every trainable parameter of the stage (``params``) is in ``out``'s graph, reached only
-    through the recorded outputs that ``plan`` gives it to ([Note: split backward]). One that is not
-    reached at all may be used behind a custom autograd Function (reentrant checkpointing computes its
-    parameters' gradients inside its own backward): that stage runs in one pass too. So does a stage where
-    one output lies in the graph of another output that takes gradients for the same weights (a module
-    applied twice in a row): pass 2 from the later one would flow on into the earlier and count it twice."""
-    if out.grad_fn is None or not plan:
+_VIEWS = {"TBackward", "ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "ExpandBackward",
+          "UnsqueezeBackward", "SqueezeBackward", "PermuteBackward", "TransposeBackward", "AliasBackward",
+          "ToCopyBackward"}
+
+
+_PASSTHROUGH = {"AddBackward", "SubBackward"}  # their gradient goes on unchanged: nothing to compute
+
+
+def _kind(node) -> str:
+    return type(node).__name__.rstrip("0123456789")
+
+
+def _view(node) -> bool:
+    return _kind(node) in _VIEWS
+
+
+def _param_edge(node, want: set[int]) -> bool:
+    """Whether ``node`` is a parameter of ``want`` (an AccumulateGrad), or views of one."""
+    while node is not None and _view(node):
+        nxt = [f for f, _ in node.next_functions if f is not None]
+        node = nxt[0] if len(nxt) == 1 else None
+    return node is not None and id(getattr(node, "variable", None)) in want
+
+
+def _direct(outs: list, ps: list, stops: set) -> bool:
+    """Whether the weight gradients of ``ps`` come straight from ``outs``' gradients: between an output and
+    a parameter there are only views, additions, and the operations that take the parameters (Linear's
+    addmm, or its matmul and bias add; LayerNorm's; a convolution), and each of those passes a gradient on
+    only to a parameter. Otherwise computing them in pass 2 would repeat work of pass 1 (MultiheadAttention:
+    from its output back through the attention to in_proj)."""
+    if not outs or not ps:
         return False
-    owners: dict = {}  # the grad_fn of a recorded output -> ids of the parameters it takes gradients for
-    for outs, ps in plan:
-        for y in outs:
-            owners.setdefault(y.grad_fn, set()).update(id(p) for p in ps)
-    leaf_ok = {id(inp)}
-    if not _leaves([out.grad_fn], owners) <= leaf_ok:
-        return False  # a parameter reached without passing through a recorded output
-    reached: set[int] = set()
+    want = {id(p) for p in ps}
+    starts = {y.grad_fn for y in outs}
+    order, seen, todo = [], set(), list(starts)
+    while todo:  # the graph below the outputs, not entering other recorded calls' outputs
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        order.append(node)
+        if node not in stops or node in starts:
+            todo.extend(f for f, _ in node.next_functions)
+    reach = {n for n in order if id(getattr(n, "variable", None)) in want}
+    grown = True
+    while grown:  # the nodes from which a parameter of ps is reached: what pass 2 runs
+        grown = False
+        for n in reversed(order):
+            if n not in reach and (n not in stops or n in starts) and any(f in reach for f, _ in n.next_functions):
+                reach.add(n)
+                grown = True
+    for n in reach:
+        if getattr(n, "variable", None) is not None or _view(n) or _kind(n) in _PASSTHROUGH:
+            continue
+        if any(f in reach and not _param_edge(f, want) for f, _ in n.next_functions):
+            return False  # an operation whose gradient for something other than a parameter pass 2 needs
+    return True
+
+
+def _deferrable(out: torch.Tensor, inp: torch.Tensor, plan: list, params) -> tuple[bool, ...] | None:
+    """Which recorded calls can take their weight gradients in pass 2 (``_direct``), or None when the stage
+    cannot split at all ([Note: split backward]). The parameters of the others are computed in pass 1.
+    A stage splits only if every trainable parameter (``params``) is in ``out``'s graph: one that is not
+    reached at all may be used behind a custom autograd Function (reentrant checkpointing computes its
+    parameters' gradients inside its own backward). A deferred call's parameters must be reached only
+    through its outputs, and no deferred output may lie in the graph of another that takes gradients for
+    the same weights (a module applied twice in a row): pass 2 from the later one would flow on into the
+    earlier and count it twice."""
+    if out.grad_fn is None or not plan:
+        return None
+    stops = {y.grad_fn for outs, _ in plan for y in outs}
+    later = tuple(_direct(outs, ps, stops) for outs, ps in plan)
+    owners: dict = {}  # the grad_fn of a deferred output -> ids of the parameters it takes gradients for
+    now = {id(inp)}  # leaves pass 1 may reach anywhere: the input, the parameters it computes
+    for (outs, ps), lat in zip(plan, later):
+        if lat:
+            for y in outs:
+                owners.setdefault(y.grad_fn, set()).update(id(p) for p in ps)
+        else:
+            now.update(id(p) for p in ps)
+    reached = _leaves([out.grad_fn], owners)
+    if not reached <= now:
+        return None  # a parameter reached without passing through a recorded call that takes it
     for node, allowed in owners.items():
         found = _leaves([f for f, _ in node.next_functions], owners)
-        if not found <= allowed | leaf_ok:
-            return False
+        if not found <= allowed | now:
+            return None
         reached |= found
     for node, mine in owners.items():  # pass 2 from node would flow on into another output of the same weights
         shared = {other for other, theirs in owners.items() if other is not node and theirs & mine}
         if shared and _reaches(node, shared):
-            return False
-    return {id(p) for p in params if p.requires_grad} <= reached
+            return None
+    if not {id(p) for p in params if p.requires_grad} <= reached:
+        return None
+    return later
 
 
 def _reaches(start, targets) -> bool:

@@ -305,7 +305,28 @@ def test_benchmark_runs_and_compares_with_torch(tmp_path):
     ours = {r["schedule"]: r for r in rows if r["impl"] == "topocomm"}
     assert ours["1f1b"]["peak_microbatches"] == [2, 1] == ours["1f1b"]["peak_bound"]
     assert 0.0 <= ours["1f1b"]["bubble"] < 1.0 and ours["1f1b"]["bubble_theory"] == pytest.approx(1 / 3)
+    # CPU ranks run the one-pass backward: the input gradient is ready when the backward ends, and the split
+    # formula is the formula itself
+    assert ours["1f1b"]["backward_input_ms"] == pytest.approx(ours["1f1b"]["backward_ms"])
+    assert ours["1f1b"]["bubble_theory_split"] == pytest.approx(1 / 3)
     assert all(r["samples_per_s"] > 0 for r in rows)
+
+
+def test_split_bubble_formula():
+    from benchmarks.pipeline import split_bubble
+
+    assert split_bubble(4, 8, 1, 1.0, 2.0, 2.0) == pytest.approx(3 / 11)  # one-pass backward: (p-1)/(m+p-1)
+    # input gradient after half the backward: the fill and drain cost (p-1)(f + b/2) = 6 against 8 x 3
+    assert split_bubble(4, 8, 1, 1.0, 2.0, 1.0) == pytest.approx(6 / 30)
+
+
+def test_replay_lets_an_input_gradient_go_before_its_weights():
+    from benchmarks.pipeline import replay
+
+    # two stages, one micro-batch: F0 (1), F1 (1), B1 (2, input gradient after 1), B0 (2)
+    whole = [[[0, "F", 0, 1.0], [0, "B", 0, 2.0]], [[1, "F", 0, 1.0], [1, "B", 0, 2.0]]]
+    split = [[[0, "F", 0, 1.0], [0, "B", 0, 2.0]], [[1, "F", 0, 1.0], [1, "B", 0, 2.0, 1.0]]]
+    assert replay(whole, 2) == 6.0 and replay(split, 2) == 5.0
 
 
 @pytest.mark.parametrize("name,p,m,v", [("gpipe", 2, 2, None), ("gpipe", 4, 8, None), ("1f1b", 4, 8, None),

@@ -47,8 +47,9 @@ view; the view itself (accumulated under no_sync, or kept by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -169,6 +170,7 @@ class GradBuckets:
         self._views: list[torch.Tensor] = []
         self._bucket_of: list[int] = []
         self._in_backward = False
+        self._spanning = False  # inside spanning(): the end of an autograd run is not the end of the backward
         self._syncing = False
         self._fired: list[bool] = []
         self._pending: list[int] = []
@@ -306,7 +308,23 @@ class GradBuckets:
             self._pending = [len(b.params) for b in self.buckets]
             self._loose = [[] for _ in self.buckets]
             self._next = 0
-        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        if not self._spanning:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
+    @contextlib.contextmanager
+    def spanning(self) -> Iterator[None]:
+        """The autograd runs inside make one backward: it ends when the block does (without an error), not
+        at the end of the first run. A pipeline stage's backward in two passes needs it ([Note: split
+        backward] in parallel/pipeline/backward.py)."""
+        if self._in_backward or self._spanning:
+            raise RuntimeError("spanning(): a backward is already under way")
+        self._spanning = True
+        try:
+            yield
+        finally:
+            self._spanning = False
+        if self._in_backward:
+            self._end_backward()
 
     def _advance(self) -> None:
         while self._next < len(self.buckets) and self._pending[self._next] == 0:

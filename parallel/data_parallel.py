@@ -125,6 +125,13 @@ class DataParallel(nn.Module):
         it per backward with this instead."""
         self._grads.sync = bool(requires)
 
+    def one_backward(self) -> contextlib.AbstractContextManager[None]:
+        """The backward passes run inside count as one: buckets still go as they fill, and what is left
+        is reduced when the block exits, not at the end of the first autograd run. For callers that
+        compute one backward in several autograd runs (a pipeline stage's input gradient, then its weight
+        gradients)."""
+        return self._grads.spanning()
+
     def bucket_plans(self) -> list[dict]:
         """Per bucket: parameters (names), bytes on the wire, dtype, and the algorithm the cost model picks."""
         out = []

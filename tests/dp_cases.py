@@ -178,6 +178,41 @@ def no_sync(comm, opt_name: str, bucket_bytes: int, steps: int = 3, micro: int =
     return problems
 
 
+def one_backward(comm, steps: int = 3) -> dict:
+    """One backward in two autograd runs (body's gradients, then head's: a pipeline's split backward) inside
+    one_backward(): the same as the global batch in one process, buckets reduced once per step."""
+    size, rank, dev = comm.size, comm.rank, comm.device
+    ref = _init(Net, 1000, dev)
+    dp = _wrap(comm, _init(Net, 1000 + rank, dev), bucket_mb=300 / 2**20)
+    opt, ref_opt = _optimizer("sgd", dp.parameters()), _optimizer("sgd", ref.parameters())
+    problems, finishes = [], []
+    finish = dp._grads.on_finish
+    dp._grads.on_finish = lambda: (finishes.append(1), finish())[1]
+    for step in range(steps):
+        x, y = _batch(step, size, device=dev)
+        opt.zero_grad()
+        loss = F.mse_loss(dp(_slice(x, rank)), _slice(y, rank))
+        before = len(finishes)
+        with dp.one_backward():
+            loss.backward(inputs=list(dp.module.body.parameters()), retain_graph=True)
+            if len(finishes) != before:
+                problems.append(f"step {step}: buckets finished after the first of two autograd runs")
+            loss.backward(inputs=list(dp.module.head.parameters()))
+        if len(finishes) != before + 1:
+            problems.append(f"step {step}: {len(finishes) - before} bucket finishes, expected 1")
+        opt.step()
+        _reference_step(ref, ref_opt, lambda: F.mse_loss(ref(x), y), dp, step, problems)
+    try:
+        with dp.one_backward():
+            with dp.one_backward():
+                pass
+        problems.append("a nested one_backward() was accepted")
+    except RuntimeError as e:
+        if "already under way" not in str(e):
+            problems.append(f"nested one_backward(): {e}")
+    return {"problems": problems}
+
+
 def _uses_extra(rank: int, step: int) -> bool:
     return (rank + step) % 3 == 0
 

@@ -116,6 +116,12 @@ def test_error_feedback_keeps_errors_from_accumulating(pool, size):
         assert r["ef"] < r["plain"] * (0.25 if size == 1 else 0.75)
 
 
+@pytest.mark.parametrize("size", [1, 2])
+def test_one_backward_in_several_autograd_runs(pool, size):
+    for r in pool.run(size, "tests.dp_cases:one_backward"):
+        assert r["problems"] == []
+
+
 @pytest.mark.parametrize("size", [1, 2, 3])
 def test_unused_parameters(pool, size):
     # unused on some ranks (zero contributions), on all ranks (.grad stays None), with either zero_grad mode

@@ -67,9 +67,10 @@ the one-pass backward unless ``TOPOCOMM_PIPELINE_SPLIT_BACKWARD=1``
 
 Pass 2 is several autograd runs, one per call, and a data-parallel wrapper
 takes the end of a run for the end of a backward (DataParallel reduces its
-buckets there, as DDP does). So a backward whose gradients a wrapper reduces
-runs in one pass: the rank's last backward of the step when the wrapper was
-given to ``Pipeline.set_data_parallel`` (the others accumulate only), and
+buckets there, as DDP does). The rank's last backward of the step, which the
+wrapper given to ``Pipeline.set_data_parallel`` reduces, runs inside the
+wrapper's ``one_backward()`` (DataParallel's: the buckets left are reduced
+when both passes are done); without one it runs in one pass, as does
 every backward of a stage whose parameters carry gradient hooks that the
 pipeline was not told about.
 """

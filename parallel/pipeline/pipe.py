@@ -154,7 +154,8 @@ class Pipeline:
 
         Before each backward the pipeline calls ``wrapper.set_requires_gradient_sync(flag)`` with True only
         for this rank's last backward of the step (accumulated gradients of every local stage are then
-        reduced together). Without this, a DataParallel around ``pipe.module`` still trains correctly
+        reduced together). A wrapper with ``one_backward()`` (DataParallel) lets that backward run in two
+        passes as well ([Note: split backward] in backward.py); with others it runs in one. Without this, a DataParallel around ``pipe.module`` still trains correctly
         (averaging is linear, so reducing after every micro-batch gives the same mean) but moves the
         gradients once per micro-batch.
         """
@@ -185,8 +186,9 @@ class Pipeline:
             raise ValueError(f"y: batch of {y.shape[0]} does not match x's {x.shape[0]}")
         specs = self._ensure_specs(xs[0], ys[0])
         sync = self.data_parallel.set_requires_gradient_sync if self.data_parallel is not None else None
+        span = getattr(self.data_parallel, "one_backward", None)
         try:
-            loss, self.stats = self._runtime.run(xs, ys, specs, self.profile, sync)
+            loss, self.stats = self._runtime.run(xs, ys, specs, self.profile, sync, span)
         finally:
             if sync is not None:
                 sync(True)

@@ -17,6 +17,7 @@ training.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -164,13 +165,15 @@ class Runtime:
         return self.schedule.rank_of(a) == self.schedule.rank_of(b)
 
     def run(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], specs: Sequence[Spec],
-            profile: bool = False,
-            grad_sync: Callable[[bool], None] | None = None) -> tuple[torch.Tensor, StepStats]:
+            profile: bool = False, grad_sync: Callable[[bool], None] | None = None,
+            one_backward: Callable[[], contextlib.AbstractContextManager] | None = None,
+            ) -> tuple[torch.Tensor, StepStats]:
         """One step over micro-batches ``xs``/``ys``; ``specs[s]`` is stage s's output (the last: the loss).
 
         ``grad_sync(flag)`` runs before every backward: True only before this rank's last one, so a
-        data-parallel wrapper reduces gradients once per step. Returns the sum of the micro-batch losses
-        (zero off the last stage) and the step's stats.
+        data-parallel wrapper reduces gradients once per step. The wrapper's ``one_backward()``, if given,
+        lets that backward run in two passes too ([Note: split backward]). Returns the sum of the
+        micro-batch losses (zero off the last stage) and the step's stats.
         """
         st = _StepState(self.stages, specs[-1].dtype, self.comm.device)
         timer = _Timer(self.comm.device, profile)
@@ -192,16 +195,18 @@ class Runtime:
                     grad_sync(syncing)
                 grad = self._output_grad(item, len(xs), st)
                 started = timer.start()
-                weights = self._backward(item, grad, st, not syncing and item.stage > 0
-                                         and not self._local(item.stage - 1, item.stage)  # nothing to send
-                                         and (grad_sync is not None or not self.split.hooked(item.stage)))
-                if weights is not None:  # [Note: split backward]: send the input gradient, then dW
-                    st.stats.split_backwards += 1
-                    timer.mid(item)
-                    if k + 1 < len(self.items) and not isinstance(self.items[k + 1], Action):
-                        self._post(self.items[k + 1], st, specs)
-                        early = k + 1
-                    weights()
+                may_split = (item.stage > 0 and not self._local(item.stage - 1, item.stage)  # something to send
+                             and (grad_sync is not None or not self.split.hooked(item.stage))
+                             and (not syncing or one_backward is not None))
+                with one_backward() if syncing and may_split else contextlib.nullcontext():
+                    weights = self._backward(item, grad, st, may_split)
+                    if weights is not None:  # [Note: split backward]: send the input gradient, then dW
+                        st.stats.split_backwards += 1
+                        timer.mid(item)
+                        if k + 1 < len(self.items) and not isinstance(self.items[k + 1], Action):
+                            self._post(self.items[k + 1], st, specs)
+                            early = k + 1
+                        weights()
                 timer.stop(item, started)
                 if item.stage < self.last and not self._local(item.stage, item.stage + 1):
                     self.pool.put(grad)  # stream-ordered on CUDA: a later receive into it waits for this backward

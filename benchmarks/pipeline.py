@@ -316,7 +316,8 @@ def header(comm, args, dtype: torch.dtype) -> dict:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
             "torch": torch.__version__, "backend": comm.backend, "device": name, "ranks": comm.size,
-            "cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()], "layers": args.layers, "hidden": args.hidden, "seq": args.seq, "microbatch": args.microbatch,
+            "cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()], "layers": args.layers,
+            "hidden": args.hidden, "seq": args.seq, "microbatch": args.microbatch,
             "dtype": str(dtype).removeprefix("torch."), "iters": args.iters, "rounds": args.rounds,
             "split_backward": split_backward_enabled(comm.device),  # [Note: split backward]
             "command": "python -m benchmarks.pipeline " + " ".join(sys.argv[1:])}

@@ -155,9 +155,9 @@ class Pipeline:
         Before each backward the pipeline calls ``wrapper.set_requires_gradient_sync(flag)`` with True only
         for this rank's last backward of the step (accumulated gradients of every local stage are then
         reduced together). A wrapper with ``one_backward()`` (DataParallel) lets that backward run in two
-        passes as well ([Note: split backward] in backward.py); with others it runs in one. Without this, a DataParallel around ``pipe.module`` still trains correctly
-        (averaging is linear, so reducing after every micro-batch gives the same mean) but moves the
-        gradients once per micro-batch.
+        passes as well ([Note: split backward] in backward.py); with others it runs in one. Without this,
+        a DataParallel around ``pipe.module`` still trains correctly (averaging is linear, so reducing
+        after every micro-batch gives the same mean) but moves the gradients once per micro-batch.
         """
         if not callable(getattr(wrapper, "set_requires_gradient_sync", None)):
             raise TypeError(f"wrapper: {type(wrapper).__name__} has no set_requires_gradient_sync(bool)")

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .backward import SplitBackward
+from .backward import enabled as split_enabled
 from .links import Links
 from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, PipelineSchedule, batches
 
@@ -139,6 +140,7 @@ class _StepState:
         self.to_send: dict[Action, torch.Tensor] = {}  # input gradients waiting for their SEND_B
         self.received: dict[Action, tuple[torch.Tensor, object]] = {}
         self.sent: list[tuple[torch.Tensor, object]] = []  # send buffers stay alive until waited for
+        self.split: set[int] = set()  # stages whose backward may run in two passes ([Note: split backward])
         self.held = {s: 0 for s in stages}
         self.stats = StepStats(peak_activations=dict(self.held))
         self.loss_sum = torch.zeros((), dtype=loss_dtype, device=device)
@@ -176,6 +178,10 @@ class Runtime:
         micro-batch losses (zero off the last stage) and the step's stats.
         """
         st = _StepState(self.stages, specs[-1].dtype, self.comm.device)
+        # [Note: split backward]: the stages that send an input gradient to another rank, where no gradient
+        # hook that the pipeline was not told about takes the end of an autograd run for the end of a backward
+        st.split = {s for s in self.stages if s > 0 and not self._local(s - 1, s) and split_enabled(self.comm.device)
+                    and (grad_sync is not None or not self.split.hooked(s))}
         timer = _Timer(self.comm.device, profile)
         wall = time.perf_counter()
         early = -1  # a batch posted between a backward's two passes
@@ -195,9 +201,7 @@ class Runtime:
                     grad_sync(syncing)
                 grad = self._output_grad(item, len(xs), st)
                 started = timer.start()
-                may_split = (item.stage > 0 and not self._local(item.stage - 1, item.stage)  # something to send
-                             and (grad_sync is not None or not self.split.hooked(item.stage))
-                             and (not syncing or one_backward is not None))
+                may_split = item.stage in st.split and (not syncing or one_backward is not None)
                 with one_backward() if syncing and may_split else contextlib.nullcontext():
                     weights = self._backward(item, grad, st, may_split)
                     if weights is not None:  # [Note: split backward]: send the input gradient, then dW
@@ -231,7 +235,7 @@ class Runtime:
 
     def _forward(self, a: Action, inp: torch.Tensor, ys, st: _StepState) -> None:
         s, i = a.stage, a.microbatch
-        if s > 0:
+        if s in st.split:  # the recorded outputs stay alive until the backward: only where it may split
             out, st.records[(s, i)] = self.split.forward(lambda: self.stages[s](inp))
         else:
             out = self.stages[s](inp)

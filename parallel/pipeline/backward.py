@@ -40,11 +40,13 @@ asked for there too), so its backward runs once, as before.
 The loop above becomes F + B_input + 2c against F + B_input + B_weight: the
 transfers hide behind the weight gradients. The drain of every schedule
 shortens the same way. The stages' programs, the simulator's grids and the
-peak activations are unchanged; what pass 1 adds is transient: the graph
-keeps its saved tensors until pass 2 (which follows at once) instead of
-freeing them node by node, and every module's output gradient dY waits for
-pass 2 (released one by one as it goes): about one micro-batch's module
-outputs, once, per stage.
+peak activations are unchanged. Memory: the recorded outputs live from the
+forward to the backward, which costs only where autograd would not keep
+them anyway (a Linear's output that feeds a residual addition); pass 1 keeps
+the graph's saved tensors until pass 2 (which follows at once) instead of
+freeing them node by node; and each deferred output gradient dY waits for
+pass 2, released one by one as it goes: about one micro-batch's module
+outputs, once, per stage. Stages that cannot split record nothing.
 
 Pass 2 is exact only if every deferred parameter reaches the stage's output
 through the recorded outputs of the call it belongs to. Before a stage's

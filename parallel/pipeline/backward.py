@@ -33,8 +33,9 @@ operations that take the weights (Linear's addmm, or matmul and bias add on
 3-D input; LayerNorm; convolutions). MultiheadAttention's in_proj weight is
 reached from its output only back through the whole attention, which pass 2
 would run again: measured on 2 x H200 (8 TransformerEncoderLayers of 1024
-over 256 tokens), deferring it made 1F1B 5% slower than the one-pass
-backward. Such a call's parameters get their gradients in pass 1 (they are
+over 256 tokens), deferring it made 1F1B up to 6% slower than the one-pass
+backward (0.96x torch's Schedule1F1B against 1.01-1.02x); taking it in pass 1,
+1.03x. Such a call's parameters get their gradients in pass 1 (they are
 asked for there too), so its backward runs once, as before.
 
 The loop above becomes F + B_input + 2c against F + B_input + B_weight: the

@@ -99,46 +99,39 @@ def main(argv: list[str] | None = None) -> None:
     torch.cuda.synchronize()
     handle.barrier(channel=0)
 
-    def nccl(src, dst, n):
-        if rank == 0:
-            dist.send(src, 1)
-            dist.recv(dst, 1)
-        else:
-            dist.recv(dst, 0)
-            dist.send(dst, 0)
-
-    def copy_engine(src, dst, n):
-        def send(t):
-            peer_buf[:n].copy_(t)
-            _raise[(1,)](peer_flags, epoch[0])
-
-        def recv():
-            _wait_all[(1,)](flags, epoch[0])
-            dst.copy_(raw[:4 * n].view(torch.int32))
-        epoch[0] += 1
+    def ping_pong(send, recv, src, dst) -> None:
+        """Rank 0 sends ``src`` and receives the reply into ``dst``; rank 1 receives into ``dst`` and sends it
+        back."""
         if rank == 0:
             send(src)
-            recv()
+            recv(dst)
         else:
-            recv()
+            recv(dst)
             send(dst)
 
-    def sm_stores(grid):
-        def run(src, dst, n):
-            def send(t):
-                _store[(grid,)](t, peer_addr, peer_flags_addr, n, epoch[0], BLOCK=4096, num_warps=8)
+    def nccl(src, dst, n):
+        ping_pong(lambda t: dist.send(t, peer), lambda t: dist.recv(t, peer), src, dst)
 
-            def recv():
-                _wait_all[(grid,)](flags[1:], epoch[0])
-                dst.copy_(raw[:4 * n].view(torch.int32))
+    def through_flags(grid: int, send_into_peer):
+        """A transport that writes into the peer's buffer and raises ``grid`` flags there (flags 0 for the
+        copy engine, 1.. for the SM stores); the receiver waits for them and copies the bytes out."""
+        first = 0 if grid == 0 else 1
+
+        def run(src, dst, n):
             epoch[0] += 1
-            if rank == 0:
-                send(src)
-                recv()
-            else:
-                recv()
-                send(dst)
+
+            def recv(t):
+                _wait_all[(max(grid, 1),)](flags[first:], epoch[0])
+                t.copy_(raw[:4 * n].view(torch.int32))
+            ping_pong(lambda t: send_into_peer(t, n, epoch[0]), recv, src, dst)
         return run
+
+    def copy_engine_send(t, n, e):
+        peer_buf[:n].copy_(t)
+        _raise[(1,)](peer_flags, e)
+
+    def sm_send(grid):
+        return lambda t, n, e: _store[(grid,)](t, peer_addr, peer_flags_addr, n, e, BLOCK=4096, num_warps=8)
 
     def one_way_us(fn, nbytes: int) -> float:
         n = nbytes // 4
@@ -156,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.synchronize()
         return start.elapsed_time(end) * 1e3 / args.iters / 2
 
-    variants = [("nccl send/recv", nccl), ("copy engine", copy_engine)]
-    variants += [(f"SM stores x{g}", sm_stores(g)) for g in grids]
+    variants = [("nccl send/recv", nccl), ("copy engine", through_flags(0, copy_engine_send))]
+    variants += [(f"SM stores x{g}", through_flags(g, sm_send(g))) for g in grids]
     for nbytes in sizes:
         for name, fn in variants:
             us = one_way_us(fn, nbytes)

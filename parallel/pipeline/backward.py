@@ -102,8 +102,7 @@ class SplitBackward:
 
     def __init__(self, stages: dict[int, nn.Module]) -> None:
         self.recording: list[tuple[nn.Module, object]] | None = None
-        self.verdict: dict[int, bool] = {}
-        self.handles = []
+        self.verdict: dict[int, tuple[bool, ...] | None] = {}  # stage -> _deferrable()'s answer
         self.params = {s: list(m.parameters()) for s, m in stages.items()}
         # id(parameter) -> the module holding it, then that module's ancestors within the stage
         self.holders: dict[int, list[nn.Module]] = {}
@@ -113,7 +112,7 @@ class SplitBackward:
                 direct = list(mod.parameters(recurse=False))
                 if not direct:
                     continue
-                self.handles.append(mod.register_forward_hook(self._record))
+                mod.register_forward_hook(self._record)
                 chain, m = [], mod
                 while m is not None:
                     chain.append(m)
@@ -229,15 +228,7 @@ def _direct(outs: list, ps: list, stops: set) -> bool:
         return False
     want = {id(p) for p in ps}
     starts = {y.grad_fn for y in outs}
-    order, seen, todo = [], set(), list(starts)
-    while todo:  # the graph below the outputs, not entering other recorded calls' outputs
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        order.append(node)
-        if node not in stops or node in starts:
-            todo.extend(f for f, _ in node.next_functions)
+    order = list(_walk(starts, stops - starts))  # the graph below the outputs, short of other calls' outputs
     reach = {n for n in order if id(getattr(n, "variable", None)) in want}
     grown = True
     while grown:  # the nodes from which a parameter of ps is reached: what pass 2 runs
@@ -292,32 +283,29 @@ def _deferrable(out: torch.Tensor, inp: torch.Tensor, plan: list, params) -> tup
     return later
 
 
-def _reaches(start, targets) -> bool:
-    seen, todo = set(), [f for f, _ in start.next_functions]
+def _walk(start, stop=frozenset()):
+    """Every autograd node reachable from the nodes ``start``, once each; a node in ``stop`` is yielded but
+    not gone through."""
+    seen, todo = set(), list(start)
     while todo:
         node = todo.pop()
         if node is None or node in seen:
             continue
-        if node in targets:
-            return True
         seen.add(node)
-        todo.extend(f for f, _ in node.next_functions)
-    return False
+        yield node
+        if node not in stop:
+            todo.extend(f for f, _ in node.next_functions)
+
+
+def _reaches(start, targets) -> bool:
+    return any(node in targets for node in _walk(f for f, _ in start.next_functions))
 
 
 def _leaves(start, stop) -> set[int]:
     """ids of the leaf tensors (AccumulateGrad nodes) reachable from ``start`` without entering ``stop``."""
-    seen, found, todo = set(), set(), list(start)
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node in stop:
-            continue
+    found = set()
+    for node in _walk(start, stop):
         var = getattr(node, "variable", None)
         if var is not None:
             found.add(id(var))
-            continue
-        todo.extend(f for f, _ in node.next_functions)
     return found

@@ -13,7 +13,10 @@ the final division).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+from collections.abc import Iterator
 
 import torch
 
@@ -21,6 +24,21 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
           "bfloat16": torch.bfloat16, "int32": torch.int32, "int64": torch.int64,
           "int8": torch.int8, "uint8": torch.uint8}
 _BLOCKED_IN = {"reduce_scatter", "all_to_all"}  # input holds a block per rank
+
+
+@contextlib.contextmanager
+def environ(key: str, value: str | None) -> Iterator[None]:
+    """``os.environ[key] = value`` inside the block (None: left as it is), then as it was before."""
+    old = os.environ.get(key)
+    if value is not None:
+        os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def ping(comm) -> tuple[int, int]:

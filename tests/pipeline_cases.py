@@ -8,9 +8,7 @@ full-model names, after a few SGD steps.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +16,7 @@ from torch import nn
 
 import parallel
 from parallel.pipeline import Pipeline
+from tests.cases import environ
 
 WIDTH = 6
 
@@ -67,28 +66,12 @@ def _compare(pipe_module: nn.Module, ref: nn.Module, losses: list[float], ref_lo
     return worst
 
 
-@contextlib.contextmanager
-def _split_backward(value: str | None):
-    """TOPOCOMM_PIPELINE_SPLIT_BACKWARD set to ``value`` in this worker for the case (None: as it is)."""
-    key = "TOPOCOMM_PIPELINE_SPLIT_BACKWARD"
-    old = os.environ.get(key)
-    if value is not None:
-        os.environ[key] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
 def train_equivalence(comm, schedule: str, chunks: int, stages_per_rank: int | None = None,
                       dtype: str = "float64", steps: int = 3, balance=None, nlinear: int = 8,
                       pair_links: bool = False, split: str | None = "1") -> dict:
     """``pair_links``: talk over a group per neighbouring pair, as on NCCL (links.py), instead of gloo's path.
     ``split``: TOPOCOMM_PIPELINE_SPLIT_BACKWARD for the case (on by default here: CPU ranks default to off)."""
-    with _split_backward(split):
+    with environ("TOPOCOMM_PIPELINE_SPLIT_BACKWARD", split):
         return _train_equivalence(comm, schedule, chunks, stages_per_rank, dtype, steps, balance, nlinear,
                                   pair_links)
 
@@ -164,7 +147,7 @@ def _data_parallel(module: nn.Module, comm) -> nn.Module:
 
 
 def mesh_pp_dp(comm, schedule: str = "1f1b", chunks: int = 2, steps: int = 3, dp_mode: str = "once") -> dict:
-    with _split_backward("1"):
+    with environ("TOPOCOMM_PIPELINE_SPLIT_BACKWARD", "1"):
         return _mesh_pp_dp(comm, schedule, chunks, steps, dp_mode)
 
 

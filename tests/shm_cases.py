@@ -8,13 +8,13 @@ receiver computes the expected bytes locally. Cases return a list of problems (e
 from __future__ import annotations
 
 import datetime
-import os
 import random
 import zlib
 
 import torch
 
 from collectives.shm import ShmTransport
+from tests.cases import environ
 
 
 def _transport(comm, timeout_s: float = 30.0, **kw) -> ShmTransport:
@@ -270,18 +270,9 @@ def communicator_transports(comm, slots_env: str | None) -> dict:
 
     from collectives import Communicator
 
-    old = os.environ.get("TOPOCOMM_SHM_SLOTS")
-    if slots_env is not None:
-        os.environ["TOPOCOMM_SHM_SLOTS"] = slots_env
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            c = Communicator(comm.group, timeout=30)
-    finally:
-        if old is None:
-            os.environ.pop("TOPOCOMM_SHM_SLOTS", None)
-        else:
-            os.environ["TOPOCOMM_SHM_SLOTS"] = old
+    with environ("TOPOCOMM_SHM_SLOTS", slots_env), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = Communicator(comm.group, timeout=30)
     try:
         t = torch.arange(1000, dtype=torch.float64) * (comm.rank + 1)
         c.all_reduce(t, algorithm="ring")

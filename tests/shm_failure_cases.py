@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from collectives.shm import ShmTransport
 from collectives.transport import PeerTimeoutError
+from tests.cases import environ
 from tests.shm_cases import _same, _transport, payload
 
 
@@ -137,15 +138,10 @@ def _private_base(comm):
     if comm.rank == 0:
         os.mkdir(name, 0o700)
     comm.barrier()
-    old = os.environ.get("TOPOCOMM_SHM_DIR")
-    os.environ["TOPOCOMM_SHM_DIR"] = name
     try:
-        yield name
+        with environ("TOPOCOMM_SHM_DIR", name):
+            yield name
     finally:
-        if old is None:
-            os.environ.pop("TOPOCOMM_SHM_DIR", None)
-        else:
-            os.environ["TOPOCOMM_SHM_DIR"] = old
         comm.barrier()
         if comm.rank == 0:
             shutil.rmtree(name, ignore_errors=True)

@@ -75,7 +75,8 @@ class Table:
         load = header["load_average"]["start"]
         self.print(f"# host {header['hostname']}: {header['cpu_count']} CPUs, load average {load}")
         self.print(f"# nRanks {self.n} minBytes {min(s.sizes)} maxBytes {max(s.sizes)} sizes {len(s.sizes)} "
-                   f"warmup iters: {s.warmup} iters: {s.iters} validation: {int(s.check)} "
+                   f"warmup iters: {s.warmup} iters: {s.iters}" + (f" x {s.trials} trials (median)" if s.trials > 1 else "")
+                   + f" validation: {int(s.check)} "
                    f"time: {AGGREGATES[s.aggregate]}" + (" (algorithms interleaved)" if s.interleave else ""))
         self.print("#")
         self.print("# Using devices")
@@ -198,7 +199,7 @@ def header(comm, s: Settings, command: str, launcher: str) -> dict[str, Any]:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": command,
         "load_average": {"start": load_average()},
         "dtype": str(s.dtype).removeprefix("torch."), "redop": s.red.value, "root": s.root, "iters": s.iters,
-        "warmup": s.warmup, "check": s.check, "time": AGGREGATES[s.aggregate], "interleave": bool(s.interleave),
+        "trials": s.trials, "warmup": s.warmup, "check": s.check, "time": AGGREGATES[s.aggregate], "interleave": bool(s.interleave),
         "factors": {"all_reduce": "2(n-1)/n", "all_gather": "(n-1)/n", "reduce_scatter": "(n-1)/n",
                     "all_to_all": "(n-1)/n", "broadcast": "1", "reduce": "1", "sendrecv": "1"},
     }

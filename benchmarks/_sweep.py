@@ -2,7 +2,9 @@
 
 Timing follows nccl-tests: warm-up calls, a barrier, ``iters`` timed calls,
 the mean per call; every rank times itself and the ranks' means are combined
-(by default the slowest rank's, ``-a 3``) with a native all-reduce. On CUDA the
+(by default the slowest rank's, ``-a 3``) with a native all-reduce. With
+``trials`` above 1 the timed loop runs that many times and the median of the
+trials' combined means is reported ([Note: trials]). On CUDA the
 device is synchronised before the clock starts and before it stops, so the
 time covers the kernels and the host work that launches them.
 
@@ -40,6 +42,7 @@ class Settings:
     check: bool = True
     aggregate: int = 3
     interleave: bool | None = None  # None: on CPU ([Note: interleaved timing]), not on GPUs
+    trials: int = 1  # timed loops per cell; the median of their means is reported ([Note: trials])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -64,8 +67,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _aggregate(comm, value: float, how: int) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=comm.device)
+def _aggregate(comm, values: list[float], how: int) -> list[float]:
+    """Each value combined over ranks as ``how`` says (one collective for all of them)."""
+    t = torch.tensor(values, dtype=torch.float64, device=comm.device)
     if how == 0:
         comm.broadcast(t, src=0, algorithm="native")
     elif how == 1:
@@ -73,7 +77,23 @@ def _aggregate(comm, value: float, how: int) -> float:
         t /= comm.size
     else:
         comm.all_reduce(t, op="min" if how == 2 else "max", algorithm="native")
-    return float(t.item())
+    return t.tolist()
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+
+# [Note: trials]
+# On GPUs a small call takes 20-100 us, and one hiccup of the host (a page fault, a context switch, a
+# late launch on one of the ranks) in a loop of 5-20 calls moves the slowest rank's mean by 10-100%:
+# the same cell gave 277 us at 4 MiB and 79 us at 16 MiB in one sweep. Repeating the timed loop and
+# reporting the median of the loops keeps such a stretch out of the figure without hiding a
+# systematic cost, which every loop pays. Each loop is combined over ranks first (the slowest rank's
+# mean by default), so the figure stays the time a whole collective took. -n 20 --trials 1 is the
+# nccl-tests measurement.
 
 
 def _poison(t: torch.Tensor) -> None:
@@ -93,15 +113,17 @@ def measure(comm, op: BenchOp, algorithm: str, lay: Layout, in_place: bool, s: S
     run, inp, out = _bound(comm, op, algorithm, lay, in_place, s)
     for _ in range(s.warmup):
         run()
-    _sync(comm.device)
-    comm.barrier()
-    _sync(comm.device)
-    t0 = time.perf_counter()
-    for _ in range(s.iters):
-        run()
-    _sync(comm.device)
-    mean = (time.perf_counter() - t0) / max(1, s.iters)
-    time_us = _aggregate(comm, mean, s.aggregate) * 1e6
+    means = []
+    for _ in range(max(1, s.trials)):
+        _sync(comm.device)
+        comm.barrier()
+        _sync(comm.device)
+        t0 = time.perf_counter()
+        for _ in range(s.iters):
+            run()
+        _sync(comm.device)
+        means.append((time.perf_counter() - t0) / max(1, s.iters))
+    time_us = _median(_aggregate(comm, means, s.aggregate)) * 1e6
     wrong = check(comm, op, run, inp, out, s) if s.check else None
     return Measurement(time_us, wrong)
 
@@ -117,8 +139,9 @@ def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, i
             run()
     _sync(comm.device)
     comm.barrier()
-    total = dict.fromkeys(algorithms, 0.0)
-    for k in range(s.iters):
+    trials = max(1, s.trials)
+    total = {a: [0.0] * trials for a in algorithms}
+    for k in range(s.iters * trials):
         order = list(algorithms)
         random.Random(k).shuffle(order)  # the same order on every rank
         for a in order:
@@ -126,10 +149,10 @@ def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, i
             t0 = time.perf_counter()
             run()
             _sync(comm.device)
-            total[a] += time.perf_counter() - t0
+            total[a][k // s.iters] += time.perf_counter() - t0
     out = {}
     for a, (run, inp, buf) in runs.items():
-        time_us = _aggregate(comm, total[a] / max(1, s.iters), s.aggregate) * 1e6
+        time_us = _median(_aggregate(comm, [t / max(1, s.iters) for t in total[a]], s.aggregate)) * 1e6
         out[a] = Measurement(time_us, check(comm, op, run, inp, buf, s) if s.check else None)
     return out
 

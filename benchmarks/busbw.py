@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size increment when -f is 1 (default 1M)")
     p.add_argument("-n", "--iters", type=int, default=20, help="timed iterations per size (default 20)")
     p.add_argument("-w", "--warmup_iters", type=int, default=5, help="warm-up iterations per size (default 5)")
+    p.add_argument("--trials", type=int, default=1,
+                   help="timed loops of -n calls per cell; the median of their means is reported (default 1)")
     p.add_argument("-c", "--check", type=int, choices=(0, 1), default=1, help="check results (default 1)")
     p.add_argument("-o", "--redop", default="sum", choices=("sum", "avg", "max", "min", "prod"),
                    help="reduction (default sum)")
@@ -153,15 +155,15 @@ def parse_args(argv: list[str]) -> Options:
     dtype, red = DTYPES[a.datatype], Reduction(a.redop)
     if red is Reduction.AVG and dtype not in FLOAT_DTYPES:
         p.error(f"-o avg needs a floating-point -d, got {a.datatype}")
-    if a.iters < 1 or a.warmup_iters < 0 or a.nproc < 1 or a.root < 0:
-        p.error("-n and --nproc must be >= 1, -w and -r >= 0")
+    if a.iters < 1 or a.trials < 1 or a.warmup_iters < 0 or a.nproc < 1 or a.root < 0:
+        p.error("-n, --trials and --nproc must be >= 1, -w and -r >= 0")
     try:
         sizes = size_range(a.minbytes, a.maxbytes, a.stepfactor, a.stepbytes)
         plan, notes = expand_algorithms(a.algo, ops)
     except ValueError as e:
         p.error(str(e))
     s = Settings(sizes, dtype, red, a.root, a.iters, a.warmup_iters, bool(a.check), a.average,
-                 None if a.interleave is None else bool(a.interleave))
+                 None if a.interleave is None else bool(a.interleave), a.trials)
     return Options(plan, notes, s, a.nproc, a.timeout, a.json, a.plot)
 
 

@@ -9,7 +9,7 @@
 # Steps on 4 GPUs run one after another: busbw4all (every op), busbw4, busbw4rs, compressed4, zero4, pipeline4, train4,
 # and, not in the default list: p2p4 (the point-to-point ceiling), pipecases4 (every pipeline schedule
 # against one process over NCCL), sweep4 (the correctness sweep on 4 GPUs), nvlink4 and nvlink4v (the
-# NVLink kernel's sweeps for calibration and its check).
+# NVLink kernel's sweeps for calibration and its check), busbw4m and busbw4mv (every op, median of 5 loops).
 # Logs and JSON land in $OUT; each step has its own time limit and a failed step does not stop the rest.
 # One 10-minute device slot does not hold them all: pass a few steps per slot. PACK=1 leaves one
 # $OUT/results.tgz (plus steps.txt) instead of the loose files, for runners that return few files.
@@ -89,6 +89,12 @@ want sweep4 && step sweep4 150 0,1,2,3 29521 4 -- -m tests.gpu_sweep
 for v in nvlink4 nvlink4v; do
     want $v && step $v 240 0,1,2,3 29521 4 -- -m benchmarks.busbw --op all_reduce,reduce_scatter --algo all -b 1K \
         -e 1G -f 4 -n 20 -w 5 --json "$OUT/nccl-4gpu-busbw-$v.json"
+done
+# Every op with the median of 5 timed loops per cell ([Note: trials] in benchmarks/_sweep.py): busbw4m to fit the
+# profile, busbw4mv, taken after it, to check it.
+for v in busbw4m busbw4mv; do
+    want $v && step $v 280 0,1,2,3 29521 4 -- -m benchmarks.busbw --algo all -b 1K -e 1G -f 4 -n 20 -w 5 --trials 5 \
+        --op all_reduce,reduce_scatter,all_gather,broadcast,reduce,all_to_all --json "$OUT/nccl-4gpu-busbw-$v.json"
 done
 cat "$OUT/steps.txt"
 if [[ "${PACK:-0}" == 1 ]]; then

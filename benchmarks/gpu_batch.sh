@@ -9,7 +9,8 @@
 # Steps on 4 GPUs run one after another: busbw4all (every op), busbw4, busbw4rs, compressed4, zero4, pipeline4, train4,
 # and, not in the default list: p2p4 (the point-to-point ceiling), pipecases4 (every pipeline schedule
 # against one process over NCCL), sweep4 (the correctness sweep on 4 GPUs), nvlink4 and nvlink4v (the
-# NVLink kernel's sweeps for calibration and its check), busbw4m and busbw4mv (every op, median of 5 loops).
+# NVLink kernel's sweeps for calibration and its check), busbw4m and busbw4mv (every op, median of 5 loops),
+# curve4 and curve2 (one ring step's message by size, for the profile's pair curve).
 # Logs and JSON land in $OUT; each step has its own time limit and a failed step does not stop the rest.
 # One 10-minute device slot does not hold them all: pass a few steps per slot. PACK=1 leaves one
 # $OUT/results.tgz (plus steps.txt) instead of the loose files, for runners that return few files.
@@ -90,6 +91,9 @@ for v in nvlink4 nvlink4v; do
     want $v && step $v 240 0,1,2,3 29521 4 -- -m benchmarks.busbw --op all_reduce,reduce_scatter --algo all -b 1K \
         -e 1G -f 4 -n 20 -w 5 --json "$OUT/nccl-4gpu-busbw-$v.json"
 done
+# The pair tier's message curve ([Note: message size] in collectives/pricing.py) on 4 GPUs and on 2.
+want curve4 && step curve4 90 0,1,2,3 29521 4 -- -m benchmarks.p2p_curve --json "$OUT/nccl-4gpu-p2p-curve.json"
+want curve2 && step curve2 90 0,1 29521 2 -- -m benchmarks.p2p_curve --json "$OUT/nccl-2gpu-p2p-curve.json"
 # Every op with the median of 5 timed loops per cell ([Note: trials] in benchmarks/_sweep.py): busbw4m to fit the
 # profile, busbw4mv, taken after it, to check it.
 for v in busbw4m busbw4mv; do

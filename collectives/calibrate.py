@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import algorithms
-from .model import (_WORLD_FIELDS, SETUP, THETA, CostModel, Params, _theta, coefficients, default_params,
+from .model import (_WORLD_FIELDS, SETUP, THETA, CostModel, Params, _theta, default_params, line_times,
                     evaluate, native_structs)
 from .schedule import Collective
 from .topology import Topology, from_reports, usable_cpus
@@ -110,9 +110,10 @@ def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, 
     k = pipeline or model.best_pipeline(coll, int(nbytes), algorithm)
     x = np.zeros(len(THETA))
     x[0] = 1
+    S = np.array([float(nbytes)])
     for count, L in model.struct(coll, algorithm, k):
-        a, bl, br = coefficients(L, theta)
-        j = int(np.argmax(a + (bl + br) * nbytes))
+        j = int(np.argmax(line_times(L, theta, S, model.curve)[:, 0]))
+        g = model.curve.factor(L[j:j + 1], S)[0, 0] if model.curve is not None else 1.0
         tier, m = int(L[j, 0]), L[j, 3]
         x[6] += count * m * 3 * L[j, 2] * nbytes
         if tier == SETUP:  # a buffer copy outside the rounds ([Note: set-up copies] in rounds.py)
@@ -123,7 +124,7 @@ def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, 
         if tier != 2:
             x[2 + (tier == 1)] += count
             stretch = 1 if tier == 1 else m  # [Note: CPU stretch]: a wire is not slowed by busy cores
-            x[{0: 4, 1: 5, 3: 7}[tier]] += count * stretch * L[j, 1] * nbytes
+            x[{0: 4, 1: 5, 3: 7}[tier]] += count * stretch * L[j, 1] * nbytes * g
     return x
 
 
@@ -146,19 +147,37 @@ def fit(rows: list[dict[str, Any]], topo: Topology, backend: str, base: Params |
 
 
 def fit_per_world(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str,
-                  min_bytes: int = _MIN_BYTES) -> tuple[Params, dict[str, Any]]:
+                  min_bytes: int = _MIN_BYTES, curves: dict[int, list] | None = None) -> tuple[Params, dict[str, Any]]:
     """Fits each world size's sweeps on their own ([Note: per-world profiles] in model.py): the largest
-    world's fit is the base, the others go into ``worlds``; native lines are kept per world size."""
+    world's fit is the base, the others go into ``worlds``; native lines are kept per world size.
+    ``curves``: world size -> measured message curve of that many ranks (load_curve)."""
     by_world: dict[int, list[tuple[Topology, list[dict[str, Any]]]]] = {}
     for topo, rows in sweeps:
         by_world.setdefault(topo.world_size, []).append((topo, rows))
-    fits = {ws: fit_sweeps(group, backend, min_bytes=min_bytes)[0] for ws, group in by_world.items()}
+    fits = {ws: fit_sweeps(group, backend, base=_base(group, backend, curves), min_bytes=min_bytes)[0]
+            for ws, group in by_world.items()}
     top = max(fits)
     native = {k: v for p in fits.values() for k, v in p.native.items()}
     kernels = {k: v for p in fits.values() for k, v in p.kernels.items()}
     worlds = {str(ws): {k: getattr(p, k) for k in _WORLD_FIELDS} for ws, p in fits.items() if ws != top}
     params = replace(fits[top], native=native, kernels=kernels, worlds=worlds)
     return params, _summary(sweeps, backend, params, min_bytes)
+
+
+def _base(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str,
+          curves: dict[int, list] | None) -> Params:
+    """The defaults a fit starts from, with the message curve measured at the sweeps' world size."""
+    topo = sweeps[0][0]
+    return replace(default_params(topo, backend), pair_curve=(curves or {}).get(topo.world_size, []))
+
+
+def load_curve(path: str | os.PathLike) -> tuple[int, list[list[float]]]:
+    """(world size, [[bytes, seconds], ...]) of a benchmarks/p2p_curve.py JSON file."""
+    doc = json.loads(Path(path).read_text())
+    points = [[float(b), float(t)] for b, t in doc["points"]]
+    if len(points) < 2:
+        raise ValueError(f"{path}: a message curve needs at least 2 points, got {len(points)}")
+    return int(doc["header"]["world_size"]), points
 
 
 def fit_sweeps(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, base: Params | None = None,
@@ -462,6 +481,8 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--min-bytes", type=int, default=_MIN_BYTES,
                    help=f"fit rows of at least this many bytes (default {_MIN_BYTES}); host backends' small "
                         "rows pin the per-call and per-message costs ([Note: messages] in rounds.py)")
+    f.add_argument("--pair-curve", action="append", default=[], metavar="FILE",
+                   help="message curve of one world size (python -m benchmarks.p2p_curve --json); repeatable")
     f.add_argument("--per-world", action="store_true",
                    help="fit each world size's sweeps on their own (one profile; see [Note: per-world profiles])")
     a = ap.parse_args(argv)
@@ -480,7 +501,11 @@ def main(argv: list[str] | None = None) -> None:
     loaded = [load_rows(path) for path in a.rows]
     backend = a.backend or loaded[0][0].get("backend", "gloo")
     sweeps = [(_sweep_topology(header, a.topology), rows) for header, rows in loaded]
-    params, summary = (fit_per_world if a.per_world else fit_sweeps)(sweeps, backend, min_bytes=a.min_bytes)
+    curves = dict(load_curve(path) for path in a.pair_curve)
+    if a.per_world:
+        params, summary = fit_per_world(sweeps, backend, min_bytes=a.min_bytes, curves=curves)
+    else:
+        params, summary = fit_sweeps(sweeps, backend, base=_base(sweeps, backend, curves), min_bytes=a.min_bytes)
     meta = {k: v for k, v in summary.items() if k != "ratios"}
     headers = [{k: v for k, v in header.items() if k != "topology"} for header, _ in loaded]
     meta.update(header=headers[0] if len(headers) == 1 else headers, topology=sweeps[-1][0].to_json(),

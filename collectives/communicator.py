@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from . import algorithms
-from .execute import CUDA_MAX_SEGMENT_BYTES, DEFAULT_MAX_SEGMENT_BYTES, Executor, run_collective
+from .execute import Executor, default_segment_bytes, run_collective
 from .graphs import GraphCache
 from .native import _all_gather, run_native, start_native
 from .ops import Reduction
@@ -109,8 +109,7 @@ class Communicator:
                  max_segment_bytes: int | None = None, topology=None, profile=None) -> None:
         self.timeout = _as_timedelta(timeout)
         transport = self._connect(group)
-        default_seg = CUDA_MAX_SEGMENT_BYTES if self.backend == "nccl" else DEFAULT_MAX_SEGMENT_BYTES
-        seg = max_segment_bytes or int(os.environ.get("TOPOCOMM_MAX_SEGMENT_BYTES", default_seg))
+        seg = max_segment_bytes or default_segment_bytes(self.backend)
         self._executor = Executor(transport, seg)
         self._overrides = _parse_overrides(os.environ.get("TOPOCOMM_ALGO", ""))
         self._debug = os.environ.get("TOPOCOMM_DEBUG", "") not in ("", "0")
@@ -122,7 +121,7 @@ class Communicator:
         from .topology import Topology
 
         self.topology = topology if topology is not None else Topology.detect(self)
-        self.model = CostModel(self.topology, backend=self.backend, profile=profile)
+        self.model = CostModel(self.topology, backend=self.backend, profile=profile, segment_bytes=seg)
         self._nodes = tuple(tuple(n) for n in self.topology.nodes)
         self._p2p = transport  # point-to-point calls: [Note: shared memory between local ranks]
         if self.backend == "gloo" and self.size > 1 and os.environ.get("TOPOCOMM_SHM", "1") not in ("0", ""):

@@ -19,6 +19,7 @@ rank, so all-reduce results are bitwise identical everywhere.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +31,12 @@ from .transport import Transport
 
 DEFAULT_MAX_SEGMENT_BYTES = 4 << 20
 CUDA_MAX_SEGMENT_BYTES = 32 << 20  # NCCL groups are costlier to launch than gloo requests
+
+
+def default_segment_bytes(backend: str) -> int:
+    """A Communicator's segment size without an explicit one: $TOPOCOMM_MAX_SEGMENT_BYTES, else by backend."""
+    default = CUDA_MAX_SEGMENT_BYTES if backend == "nccl" else DEFAULT_MAX_SEGMENT_BYTES
+    return int(os.environ.get("TOPOCOMM_MAX_SEGMENT_BYTES", default))
 
 
 def _segments(lo: int, hi: int, seg: int) -> list[tuple[int, int]]:

@@ -52,9 +52,10 @@ rings (one channel per NIC, so rings leave each node through every NIC), gloo's
 ring, MPICH's algorithm families.
 
 This module holds the parameters (Params, the defaults, theta), Plan and
-CostModel with its cache of structures; rounds.py does the structural pricing
-(layouts, lines, evaluation, a Schedule's rounds, the generated structures)
-and native_model.py the models of the backends' own collectives.
+CostModel with its cache of structures; rounds.py builds the structures
+(layouts, lines, a Schedule's rounds, the generated structures), pricing.py
+evaluates them (with the pair tier's message-size curve), and native_model.py
+holds the models of the backends' own collectives.
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ import numpy as np
 from . import algorithms
 from .native_model import direct_struct, nccl_options, native_structs, pairwise_struct
 # calibrate.py and the tests also reach coefficients, round_lines and schedule_rounds through this module.
-from .rounds import (SETUP, Struct, _Layout, binomial_struct, breakdown, chain_struct, coefficients, evaluate,
-                     hd_struct, hierarchical_struct, join, messages, price_schedule, ring_struct, round_lines,
-                     schedule_rounds, setup_struct, tree_all_reduce_struct)
+from .pricing import MessageCurve, breakdown, evaluate, line_times
+from .rounds import (SETUP, Struct, _Layout, binomial_struct, chain_struct, coefficients, hd_struct,
+                     hierarchical_struct, join, messages, price_schedule, ring_struct, round_lines, schedule_rounds,
+                     setup_struct, tree_all_reduce_struct)
+from .execute import default_segment_bytes
 from .schedule import Collective
 from .topology import Topology
 
@@ -101,8 +104,10 @@ class Params:
     native: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # world -> op -> [alpha, s/byte]
     # world -> op -> the same, for our kernel over NVLink (direct all-reduce, reduce-scatter: [Note: NVLink direct])
     kernels: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # [bytes, seconds] of one ring step's message by size ([Note: message size] in pricing.py); [] = flat
+    pair_curve: list[list[float]] = field(default_factory=list)
     # world -> fields fitted on that many ranks of the same machine ([Note: per-world profiles])
-    worlds: dict[str, dict[str, float]] = field(default_factory=dict)
+    worlds: dict[str, Any] = field(default_factory=dict)
     source: str = "defaults"
 
     def to_json(self) -> dict[str, Any]:
@@ -158,7 +163,7 @@ _STREAMED_NATIVE_MARGIN = 1.05
 # its own keeps the base (the largest measured).
 _WORLD_FIELDS = ("call_overhead", "step_overhead", "intra_alpha", "inter_alpha", "intra_bandwidth",
                  "inter_bandwidth", "pair_bandwidth", "reduce_bandwidth", "oversubscribed_step", "native_step",
-                 "message_overhead")
+                 "message_overhead", "pair_curve")
 
 
 def for_world(p: Params, world_size: int) -> Params:
@@ -253,10 +258,13 @@ class CostModel:
 
     ``profile``: a Params, a path to a JSON profile, or None to use
     ``$TOPOCOMM_PROFILE`` or a shipped profile matching the hardware, else the
-    documented defaults (calibrate.find_profile).
+    documented defaults (calibrate.find_profile). ``segment_bytes``: the
+    executor's largest segment of a reducing transfer (default: the
+    Communicator's default for the backend).
     """
 
-    def __init__(self, topology: Topology, backend: str = "gloo", profile: Params | str | os.PathLike | None = None):
+    def __init__(self, topology: Topology, backend: str = "gloo", profile: Params | str | os.PathLike | None = None,
+                 segment_bytes: int | None = None):
         from . import calibrate
         self.topology, self.backend = topology, backend
         if profile is None:
@@ -266,6 +274,7 @@ class CostModel:
             profile = calibrate.load_profile(profile)
         params = profile if profile is not None else default_params(topology, backend)
         self.params: Params = for_world(params, topology.world_size)
+        self.curve = MessageCurve.of(self.params.pair_curve, segment_bytes or default_segment_bytes(backend))
         self._lay = _Layout.of(topology)
         self._nodes = tuple(map(tuple, topology.nodes))
         self._choices: dict[tuple, Plan] = {}
@@ -305,7 +314,7 @@ class CostModel:
             return _measured(fit, S)
         theta = self._theta(dtype)
         ks = [pipeline] if pipeline else (_pipelines(algorithm) if algorithms.pipelined(algorithm, coll) else (1,))
-        return np.min([evaluate(self.struct(coll, algorithm, k), theta, S) for k in ks], axis=0)
+        return np.min([evaluate(self.struct(coll, algorithm, k), theta, S, curve=self.curve) for k in ks], axis=0)
 
     def _kernel(self, coll: Collective, algorithm: str) -> list | None:
         """The measured fit of ``algorithm`` where it runs as our NVLink kernel ([Note: NVLink direct]):
@@ -341,7 +350,7 @@ class CostModel:
             return 1
         S, theta = np.array([float(nbytes)]), self._theta(dtype)
         ks = _pipelines(algorithm)
-        times = [evaluate(self.struct(coll, algorithm, k), theta, S)[0] for k in ks]
+        times = [evaluate(self.struct(coll, algorithm, k), theta, S, curve=self.curve)[0] for k in ks]
         return ks[int(np.argmin(times))]
 
     # -- choice ----------------------------------------------------------------
@@ -435,7 +444,7 @@ class CostModel:
             return {"latency": fit[0], "intra": fit[1] * nbytes, "inter": 0.0, "reduce": 0.0,
                     "variant": "measured" if native else "measured NVLink kernel"}
         if not native:
-            return breakdown(self.struct(coll, algorithm, pipeline), self._theta(dtype), float(nbytes))
+            return breakdown(self.struct(coll, algorithm, pipeline), self._theta(dtype), float(nbytes), self.curve)
         if self.backend == "nccl":
             lab, lat, bw, tier = min(nccl_options(self.topology, coll), key=lambda o: o[1] + nbytes / o[2])
             return {"latency": self.params.call_overhead + lat, "intra": 0.0, "inter": 0.0, "reduce": 0.0,

@@ -2,8 +2,8 @@
 
 What [Note: structural lines] in model.py describes: a Layout (rank -> node,
 NIC and host), the lines (tier, f, r, m) of one round of transfers and
-reductions, the evaluation of a Struct (rounds with counts) at given sizes and
-parameters, the rounds of any registry Schedule (the generic path), the rounds of
+reductions (pricing.py evaluates a Struct, rounds with counts, at given sizes
+and parameters), the rounds of any registry Schedule (the generic path), the rounds of
 ring, chain, tree, halving-doubling and hierarchical structures generated
 directly for any world size, and the set-up copies around them. model.py
 caches these per layout and prices them; native_model.py holds the
@@ -179,32 +179,6 @@ def _pareto(lines: np.ndarray) -> np.ndarray:
 
 def _collect(rounds: list[np.ndarray]) -> Struct:
     return join(tuple((1, lines) for lines in rounds if len(lines)))
-
-
-def evaluate(struct: Struct, theta: np.ndarray, nbytes: np.ndarray, step: float | None = None) -> np.ndarray:
-    """Predicted seconds at each size in ``nbytes`` (an array); ``step`` overrides the step overhead."""
-    th = theta.copy()
-    if step is not None:
-        th[1] = step
-    total = np.full(np.shape(nbytes), th[0])
-    for count, L in struct:
-        a, bl, br = coefficients(L, th)
-        total = total + count * np.max(a[:, None] + (bl + br)[:, None] * nbytes[None, :], axis=0)
-    return total
-
-
-def breakdown(struct: Struct, theta: np.ndarray, nbytes: float) -> dict[str, float]:
-    """Seconds spent on latency, bytes per tier and reduction, following each round's slowest line."""
-    out = dict.fromkeys(("latency", "intra", "inter", "reduce"), 0.0)
-    out["latency"] = theta[0]
-    for count, L in struct:
-        a, bl, br = coefficients(L, theta)
-        j = int(np.argmax(a + (bl + br) * nbytes))
-        out["latency"] += count * a[j]
-        out["reduce"] += count * br[j] * nbytes
-        if int(L[j, 0]) not in (2, SETUP):
-            out[_TIERS[int(L[j, 0])]] += count * bl[j] * nbytes
-    return out
 
 
 # -- rounds of a Schedule -----------------------------------------------------

@@ -1,0 +1,92 @@
+"""Evaluating structures: a Struct's lines (rounds.py) priced at sizes and parameters.
+
+Each round takes its slowest line, rounds add up (model.py, [Note: structural
+lines]); a tier-3 line's bytes move at the rate of their message size where the
+profile has a measured curve ([Note: message size]; calibrate.py builds it from
+benchmarks/p2p_curve.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .rounds import _TIERS, SETUP, Struct, coefficients
+
+# [Note: message size]
+# A tier-3 line is one stream between two devices, and its rate depends on the size of the message:
+# on 4 x H200 (NCCL 2.28, benchmarks/p2p_curve.py) a ring step of grouped send/recv moved 143-160 GB/s
+# per message from 32 to 128 MiB and 294-345 GB/s from 192 MiB up, where one constant bandwidth
+# priced ring all-gather 0.75x at 64 MiB and 1.4x at 1 GiB. A MessageCurve holds the measured step
+# times of one such message by size as a slowdown against the curve's fastest rate (1 there, the
+# rate 1/B_pair stands for), interpolated on log size and held flat past its ends. Below the size
+# where a step takes twice the smallest step's time, the time is mostly per-step cost (which
+# step, alpha and msg price), so the slowdown there is held at that size's. A reducing transfer is
+# posted in segments of at most ``segment`` bytes (execute.py), so its messages are no larger. The
+# factor multiplies bytes / B_pair, keeping a prediction linear in theta.
+
+
+@dataclass(frozen=True)
+class MessageCurve:
+    log_bytes: np.ndarray
+    slowdown: np.ndarray
+    segment: float
+
+    @classmethod
+    def of(cls, points, segment: float) -> MessageCurve | None:
+        """From measured [bytes, seconds] points (benchmarks/p2p_curve.py); None without two of them."""
+        pts = sorted((float(b), float(t)) for b, t in points or () if b > 0 and t > 0)
+        if len(pts) < 2:
+            return None
+        S, t = np.array(pts).T
+        knee = int(np.argmax(t >= 2 * t.min())) if (t >= 2 * t.min()).any() else len(t) - 1
+        rate = S / t
+        slow = rate[knee:].max() / rate
+        slow[:knee] = slow[knee]
+        return cls(np.log(S), slow, float(segment))
+
+    def factor(self, L: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+        """lines x sizes: how much slower than 1/B_pair each tier-3 line's messages move (1 elsewhere)."""
+        msg = L[:, 1][:, None] * nbytes[None, :]
+        msg = np.where(L[:, 2][:, None] > 0, np.minimum(msg, self.segment), msg)
+        g = np.interp(np.log(np.maximum(msg, 1.0)), self.log_bytes, self.slowdown)
+        return np.where((L[:, 0] == 3)[:, None], g, 1.0)
+
+
+def line_times(L: np.ndarray, theta: np.ndarray, nbytes: np.ndarray,
+               curve: MessageCurve | None = None) -> np.ndarray:
+    """lines x sizes: each line's seconds in one round (the round takes its slowest)."""
+    a, bl, br = coefficients(L, theta)
+    wire = bl[:, None] * nbytes[None, :]
+    if curve is not None:
+        wire = wire * curve.factor(L, nbytes)
+    return a[:, None] + wire + br[:, None] * nbytes[None, :]
+
+
+def evaluate(struct: Struct, theta: np.ndarray, nbytes: np.ndarray, step: float | None = None,
+             curve: MessageCurve | None = None) -> np.ndarray:
+    """Predicted seconds at each size in ``nbytes`` (an array); ``step`` overrides the step overhead."""
+    th = theta.copy()
+    if step is not None:
+        th[1] = step
+    total = np.full(np.shape(nbytes), th[0])
+    for count, L in struct:
+        total = total + count * np.max(line_times(L, th, nbytes, curve), axis=0)
+    return total
+
+
+def breakdown(struct: Struct, theta: np.ndarray, nbytes: float, curve: MessageCurve | None = None) -> dict[str, float]:
+    """Seconds spent on latency, bytes per tier and reduction, following each round's slowest line."""
+    out = dict.fromkeys(("latency", "intra", "inter", "reduce"), 0.0)
+    out["latency"] = theta[0]
+    S = np.array([nbytes])
+    for count, L in struct:
+        a, bl, br = coefficients(L, theta)
+        g = curve.factor(L, S)[:, 0] if curve is not None else np.ones(len(L))
+        j = int(np.argmax(a + (bl * g + br) * nbytes))
+        out["latency"] += count * a[j]
+        out["reduce"] += count * br[j] * nbytes
+        if int(L[j, 0]) not in (2, SETUP):
+            out[_TIERS[int(L[j, 0])]] += count * bl[j] * g[j] * nbytes
+    return out

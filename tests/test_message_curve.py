@@ -1,0 +1,95 @@
+"""The pair tier's message-size curve ([Note: message size] in collectives/pricing.py)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import collectives.model as M
+from collectives import calibrate
+from collectives.pricing import MessageCurve
+from collectives.topology import Topology
+
+MiB = 1 << 20
+# One message per step: 0.1 ms at 256 KiB (per-step cost), 1 MiB at 1 GB/s, 16 MiB and up at 2 GB/s.
+POINTS = [[256 << 10, 1e-4], [MiB, MiB / 1e9], [16 * MiB, 16 * MiB / 2e9], [64 * MiB, 64 * MiB / 2e9]]
+BASE = dict(intra_alpha=0.0, intra_bandwidth=1e12, pair_bandwidth=2e9, inter_alpha=0.0, inter_bandwidth=1e9,
+            step_overhead=1e-4, reduce_bandwidth=1e12, native_step=0.0, call_overhead=0.0, oversubscribed_step=0.0)
+
+
+def _model(segment: int = 1 << 40, **over) -> M.CostModel:
+    return M.CostModel(Topology.local(4, cpus=0), "nccl", profile=M.Params(**{**BASE, **over}), segment_bytes=segment)
+
+
+def test_slowdown_is_one_at_the_fastest_rate_and_flat_below_the_knee():
+    c = MessageCurve.of(POINTS, segment=1 << 40)
+    lines = np.array([[3.0, 1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0, 0.0]])  # a pair line and a port line
+    sizes = np.array([64 << 10, 256 << 10, MiB, 4 * MiB, 16 * MiB, 1 << 30], dtype=float)
+    g = c.factor(lines, sizes)
+    # 1 MiB is the knee (the first step at least twice the smallest): it and everything below run 2x slower
+    np.testing.assert_allclose(g[0], [2.0, 2.0, 2.0, 1.5, 1.0, 1.0])  # 4 MiB: halfway on log size
+    np.testing.assert_allclose(g[1], 1.0)  # only tier-3 lines follow the curve
+    assert MessageCurve.of(POINTS[:1], 1 << 40) is None and MessageCurve.of([], 1 << 40) is None
+
+
+def test_ring_all_gather_pays_its_message_size_rate():
+    """Ring all-gather on 4 ranks sends one message of S/4 per step: at 1 MiB messages the curve prices
+    the bytes as a pair of half the bandwidth would; at 16 MiB and up as the fitted bandwidth itself."""
+    curved = _model(pair_curve=POINTS)
+    flat, half = _model(), _model(pair_bandwidth=1e9)
+    for nbytes, like in ((4 * MiB, half), (64 * MiB, flat), (1 << 30, flat)):
+        assert curved.predict("all_gather", nbytes, "ring") == pytest.approx(like.predict("all_gather", nbytes, "ring"))
+    assert curved.predict("all_gather", 4 * MiB, "ring") > flat.predict("all_gather", 4 * MiB, "ring")
+
+
+def test_reducing_transfers_move_in_segments():
+    """A reduce-scatter's transfers end in reductions, which the executor posts in segments: with a
+    1 MiB segment its 16 MiB messages move at the 1 MiB rate."""
+    nbytes = 64 * MiB
+    seg = _model(segment=MiB, pair_curve=POINTS).predict("reduce_scatter", nbytes, "ring")
+    whole = _model(pair_curve=POINTS).predict("reduce_scatter", nbytes, "ring")
+    assert seg == pytest.approx(_model(segment=MiB, pair_bandwidth=1e9).predict("reduce_scatter", nbytes, "ring"))
+    assert whole == pytest.approx(_model().predict("reduce_scatter", nbytes, "ring"))
+    # all-gather's transfers overwrite: no segments, the same price with either segment size
+    assert _model(segment=MiB, pair_curve=POINTS).predict("all_gather", nbytes, "ring") == pytest.approx(
+        _model(pair_curve=POINTS).predict("all_gather", nbytes, "ring"))
+
+
+def test_fit_with_a_measured_curve_recovers_the_pair_bandwidth(tmp_path):
+    """Rows priced with a curve: a fit given the same curve recovers B_pair and prices every row, and the
+    curve travels through the saved profile (per world size)."""
+    topo = Topology.local(4, cpus=0)
+    truth = M.Params(**BASE, pair_curve=POINTS)
+    model = M.CostModel(topo, "nccl", profile=truth)
+    rows = [{"op": op, "algorithm": a, "bytes": s, "time_us": model.predict(op, s, a) * 1e6}
+            for op in ("all_reduce", "reduce_scatter", "all_gather") for a in ("ring", "halving_doubling", "direct")
+            for s in (1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26)]
+    params, summary = calibrate.fit_per_world([(topo, rows)], "nccl", curves={4: POINTS})
+    assert params.pair_curve == POINTS
+    assert params.pair_bandwidth == pytest.approx(truth.pair_bandwidth, rel=0.02)
+    assert max(abs(r - 1) for r in summary["ratios"].values()) < 0.02
+    flat, _ = calibrate.fit_per_world([(topo, rows)], "nccl")  # without the curve the same rows fit worse
+    flat_err = max(abs(M.CostModel(topo, "nccl", profile=flat).predict(r["op"], r["bytes"], r["algorithm"])
+                       / (r["time_us"] * 1e-6) - 1) for r in rows)
+    assert flat_err > 0.05
+    path = tmp_path / "p.json"
+    calibrate.save_profile(path, params, calibrate.hardware_key(topo, "nccl"), {})
+    assert calibrate.load_profile(path).pair_curve == POINTS
+
+
+def test_a_world_sizes_own_curve_replaces_the_base():
+    p = M.Params(**BASE, pair_curve=POINTS, worlds={"2": {"pair_curve": []}})
+    assert M.CostModel(Topology.local(4, cpus=0), "nccl", profile=p).curve is not None
+    assert M.CostModel(Topology.local(2, cpus=0), "nccl", profile=p).curve is None
+    assert M.CostModel(Topology.local(4, cpus=0), "nccl", profile=replace(p, pair_curve=[])).curve is None
+
+
+def test_load_curve_reads_the_benchmark_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"header": {"world_size": 4}, "points": [[1048576, 1e-4], [16777216, 1e-3]]}')
+    assert calibrate.load_curve(path) == (4, [[1048576.0, 1e-4], [16777216.0, 1e-3]])
+    path.write_text('{"header": {"world_size": 4}, "points": [[1048576, 1e-4]]}')
+    with pytest.raises(ValueError, match="at least 2 points"):
+        calibrate.load_curve(path)

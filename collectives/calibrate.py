@@ -510,6 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     headers = [{k: v for k, v in header.items() if k != "topology"} for header, _ in loaded]
     meta.update(header=headers[0] if len(headers) == 1 else headers, topology=sweeps[-1][0].to_json(),
                 note="fitted by python -m collectives.calibrate fit; 'rows' are the measurements",
+                pair_curves=[str(path) for path in a.pair_curve],
                 rows=[{**{k: r[k] for k in ("op", "algorithm", "bytes", "time_us") if k in r},
                        **({"world_size": topo.world_size} if len(sweeps) > 1 else {})}
                       for topo, rows in sweeps for r in rows])

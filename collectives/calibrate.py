@@ -215,10 +215,13 @@ def _tables(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, b
             S, t = np.array(pts, float).T
             A = np.column_stack([np.ones_like(S), S]) / t[:, None]
             line = [float(v) for v in nnls(A, np.ones_like(t))]
-            # model._measured: the lowest time at each size among its rows (every sweep of this world
-            # size): a hiccup only adds time, and one in a 5-iteration mean would otherwise stay in the table
-            table = [[s, float(np.min(t[S == s]))] for s in sorted(set(S.tolist()))]
-            # A device's times repeat to a few percent; a time-shared CPU's table would keep one run's noise.
+            # model._measured: the median time at each size among its rows (every sweep of this world size).
+            # Not the lowest: NCCL's own small and mid-size calls differ up to 2x between launches of the
+            # same job (all_to_all at 4 MiB on 4 x H200: 47-52 us in two launches, 97-104 us in two
+            # others), where our schedules repeat to a few percent; the lowest priced native as its best
+            # launch and auto picked it where it ran 1.4-2.2x slower than our tree or pairwise.
+            table = [[s, float(np.median(t[S == s]))] for s in sorted(set(S.tolist()))]
+            # A time-shared CPU's table would keep one run's noise: gloo keeps the line alone.
             out.setdefault(world, {})[op] = line + [table] if backend == "nccl" else line
     return out
 

@@ -93,3 +93,22 @@ def test_load_curve_reads_the_benchmark_file(tmp_path):
     path.write_text('{"header": {"world_size": 4}, "points": [[1048576, 1e-4]]}')
     with pytest.raises(ValueError, match="at least 2 points"):
         calibrate.load_curve(path)
+
+
+def test_nccl_fit_prices_steps_not_messages():
+    """On NCCL a step's messages are one grouped launch: the fit leaves the per-message term at 0 and
+    finds the per-step cost, so direct's one round of 6 messages stays cheaper than halving-doubling's
+    two rounds, as the rows say (calibrate._fit_theta)."""
+    topo = Topology.local(4, cpus=0)
+    truth = replace(M.default_params(topo, "nccl"), step_overhead=5e-6, call_overhead=2e-5, message_overhead=0.0)
+    model = M.CostModel(topo, "nccl", profile=truth)
+    rows = [{"op": op, "algorithm": a, "bytes": s, "time_us": model.predict(op, s, a) * 1e6}
+            for op in ("reduce_scatter", "all_gather") for a in ("ring", "halving_doubling", "direct")
+            for s in (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24)]
+    params, summary = calibrate.fit(rows, topo, "nccl")
+    assert params.message_overhead == 0.0
+    # alpha_intra keeps its default and rides with the step overhead (one column on one node)
+    assert params.step_overhead + params.intra_alpha == pytest.approx(truth.step_overhead + truth.intra_alpha, rel=0.05)
+    assert summary["within_25pct"] == 1.0
+    fitted = M.CostModel(topo, "nccl", profile=params)
+    assert fitted.predict("all_gather", 1 << 16, "direct") < fitted.predict("all_gather", 1 << 16, "halving_doubling")

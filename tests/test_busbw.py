@@ -94,7 +94,7 @@ def test_parse_args_defaults_and_flags():
     assert list(parse_args(["--op", "all"]).plan) == list(OPS)
 
 
-@pytest.mark.parametrize("argv", [["--op", "all_reduce,nope"], ["-o", "avg", "-d", "int32"], ["-n", "0"],
+@pytest.mark.parametrize("argv", [["--op", "all_reduce,nope"], ["-o", "avg", "-d", "int32"], ["-n", "0"], ["--trials", "0"],
                                   ["-b", "1M", "-e", "1K"], ["--algo", "bogus"], ["-d", "complex64"]])
 def test_parse_args_rejects_bad_input(argv, capsys):
     with pytest.raises(SystemExit):
@@ -201,6 +201,41 @@ def test_wrong_counts_a_corrupted_result(pool):
     stale = pool.run(2, "tests.test_busbw:corrupted_check", "stale")
     assert stale[0] == stale[1] and 0 < stale[0] <= 10
     assert pool.run(2, "tests.test_busbw:corrupted_check", "skip") == [2 * 1024, 2 * 1024]
+
+
+def stalled_first_loop(comm, trials: int, interleave: bool) -> float:
+    """Times a call that stalls (20 ms) only during the first timed loop: the slowest rank's time in us."""
+    import time
+
+    from benchmarks import _sweep
+
+    calls = {"n": 0}
+    s = Settings((4096,), torch.float32, Reduction.SUM, iters=2, warmup=0, check=False, trials=trials)
+
+    def run() -> None:
+        calls["n"] += 1
+        time.sleep(0.02 if calls["n"] <= 2 else 0.001)
+
+    op = AllReduce()
+    lay = op.layout(4096, 4, comm.size)
+    real = _sweep._bound
+    _sweep._bound = lambda *a, **k: (run, None, None)
+    try:
+        if interleave:
+            return _sweep.measure_interleaved(comm, op, ["ring"], lay, False, s)["ring"].time_us
+        return _sweep.measure(comm, op, "ring", lay, False, s).time_us
+    finally:
+        _sweep._bound = real
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_trials_report_the_median_loop(pool, interleave):
+    """--trials: a stall confined to one loop of -n calls moves the mean of one loop, not the median of three."""
+    one = pool.run(2, "tests.test_busbw:stalled_first_loop", 1, interleave)
+    three = pool.run(2, "tests.test_busbw:stalled_first_loop", 3, interleave)
+    assert min(one) >= 20000  # one loop: both calls stalled
+    assert max(three) < 10000  # three loops: the median loop never stalled
+    assert parse_args(["--trials", "3"]).settings.trials == 3
 
 
 def every_op(comm, dtype_name: str, red: str, nbytes: int) -> dict[str, list]:

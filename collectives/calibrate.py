@@ -215,7 +215,7 @@ def _tables(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, b
             S, t = np.array(pts, float).T
             A = np.column_stack([np.ones_like(S), S]) / t[:, None]
             line = [float(v) for v in nnls(A, np.ones_like(t))]
-            # model._measured: the median time at each size among its rows (every sweep of this world size).
+            # pricing._measured: the median time at each size among its rows (every sweep of this world size).
             # Not the lowest: NCCL's own small and mid-size calls differ up to 2x between launches of the
             # same job (all_to_all at 4 MiB on 4 x H200: 47-52 us in two launches, 97-104 us in two
             # others), where our schedules repeat to a few percent; the lowest priced native as its best
@@ -258,41 +258,55 @@ def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
     """Re-linearised NNLS from a few starts (which lines bind depends on theta: a pair that starts no
     slower than its port never binds, so also start with slower pairs); keeps the best relative fit."""
     t = np.array([r["time_us"] * 1e-6 for _, rows in sweeps for r in rows])
-    best: tuple[float, np.ndarray] | None = None
+    best: tuple[float, np.ndarray, dict[str, float]] | None = None
     # [Note: messages] prices a host's work per message; on NCCL a step's messages go out as one grouped
     # launch. Fitted there, msg took the whole per-step cost (step 0, msg 3.8 us on 4 x H200) and priced
     # halving-doubling's two 2-message rounds below direct's one 6-message round, the reverse of every
     # sweep (64 KiB-1 MiB all-gather: direct 28-34 us, halving-doubling 35-38): auto's pick was within
     # 5% of the best in 83-90% of the cells of two held-out sweeps, 92-96% without the term.
     hosted = backend != "nccl"
+    # [Note: per-op calls]: one call column per collective (their least is call_overhead, the rest op_overhead)
+    ops = sorted({r["op"] for _, rows in sweeps for r in rows})
+    onehot = np.array([[r["op"] == o for o in ops] for _, rows in sweeps for r in rows], dtype=float)
     for slower in (1.0, 2.0, 4.0):
         theta = _theta(params)
         theta[7] = max(theta[7], slower * theta[4])
         if not hosted:
             theta[9] = 0.0
+        calls = np.full(len(ops), theta[0])
         for _ in range(8):
             X = np.array([features(model, Collective(r["op"]), r["algorithm"], r["bytes"], theta, r.get("pipeline"))
                           for topo, rows in sweeps
                           for model in (CostModel(topo, backend, profile=_params(params, theta)),)
                           for r in rows])
             # alpha_intra rides with the step overhead (the same column on one node); fit what the rows exercise.
-            free = [j for j in (0, 1, 3, 4, 5, 6, 7, 8) + ((9,) if hosted else ()) if np.any(X[:, j] > 0)]
-            fixed = [j for j in range(len(THETA)) if j not in free]
-            sol = nnls(X[:, free] / t[:, None], (t - X[:, fixed] @ theta[fixed]) / t)
-            new = theta.copy()
-            new[free] = np.maximum(sol, 1e-30)
-            done = np.allclose(new, theta, rtol=1e-6)
-            theta = new
+            free = [j for j in (1, 3, 4, 5, 6, 7, 8) + ((9,) if hosted else ()) if np.any(X[:, j] > 0)]
+            fixed = [j for j in range(1, len(THETA)) if j not in free]
+            sol = nnls(np.hstack([onehot, X[:, free]]) / t[:, None], (t - X[:, fixed] @ theta[fixed]) / t)
+            new, new_calls = theta.copy(), sol[:len(ops)]
+            new[free] = np.maximum(sol[len(ops):], 1e-30)
+            new[0] = new_calls.min()
+            done = np.allclose(new, theta, rtol=1e-6) and np.allclose(new_calls, calls, rtol=1e-6)
+            theta, calls = new, new_calls
             if done:
                 break
+        per_op = {o: float(c - theta[0]) for o, c in zip(ops, calls)}
         pred = [model.predict(r["op"], r["bytes"], r["algorithm"], pipeline=r.get("pipeline"))
                 for topo, rows in sweeps
-                for model in (CostModel(topo, backend, profile=_params(params, theta)),)
+                for model in (CostModel(topo, backend, profile=_params(params, theta, per_op)),)
                 for r in rows]
         err = float(np.sqrt(np.mean((np.array(pred) / t - 1) ** 2)))
         if best is None or err < best[0]:
-            best = (err, theta)
-    return _params(params, best[1])
+            best = (err, theta, per_op)
+    return _params(params, best[1], best[2])
+
+
+# [Note: per-op calls]
+# A call of our schedules costs host work that depends on the collective, not only on its rounds:
+# argument checks, the schedule lookup, scratch and set-up buffers. On 4 x H200 at 64 KiB a chain
+# broadcast of three rounds took 17-20 us and a ring all-gather of three rounds 42-45 us; one call
+# overhead for every collective priced the first 1.7-2x slow and the all-reduces 0.6-0.75x. The fit
+# gives each collective its own call column (a collective no row measured keeps call_overhead).
 
 
 def _fit_native_step(rows: list[dict[str, Any]], topo: Topology, backend: str, params: Params,
@@ -312,9 +326,9 @@ def _fit_native_step(rows: list[dict[str, Any]], topo: Topology, backend: str, p
     return replace(params, native_step=max(num / den, 0.0)) if den else params
 
 
-def _params(p: Params, theta: np.ndarray) -> Params:
+def _params(p: Params, theta: np.ndarray, op_overhead: dict[str, float] | None = None) -> Params:
     t = [float(v) for v in theta]
-    return replace(p, call_overhead=t[0], step_overhead=t[1], intra_alpha=t[2], inter_alpha=t[3],
+    return replace(p, op_overhead=p.op_overhead if op_overhead is None else op_overhead, call_overhead=t[0], step_overhead=t[1], intra_alpha=t[2], inter_alpha=t[3],
                    intra_bandwidth=1 / t[4], inter_bandwidth=1 / t[5], reduce_bandwidth=1 / t[6],
                    pair_bandwidth=1 / t[7], oversubscribed_step=t[8], message_overhead=t[9])
 
@@ -325,134 +339,6 @@ def load_rows(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, A
     header, rows = ({}, doc) if isinstance(doc, list) else (doc.get("header", {}), doc.get("rows", doc.get("results", [])))
     # "auto" rows time the model's own pick: they measure no algorithm, so they can't calibrate one.
     return header, [r for r in rows if r.get("algorithm") != "auto"]
-
-
-# ---------------------------------------------------------------------------
-# Measuring gloo on this host (the busbw benchmark does the same, and more, on any backend)
-# ---------------------------------------------------------------------------
-
-BUSBW_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
-                "all_gather": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
-                "broadcast": lambda n: 1.0, "reduce": lambda n: 1.0}
-
-
-def _time_one(comm, op: str, algo: str, nbytes: int, budget_s: float) -> float:
-    import time
-
-    import torch
-    import torch.distributed as dist
-    n, count, dev = comm.size, nbytes // 4, comm.device
-    big, small = torch.ones(count, device=dev), torch.ones(count // n, device=dev)
-    other = big.clone() if op == "all_to_all" else None
-    call = {"all_reduce": lambda: comm.all_reduce(big, algorithm=algo),
-            "reduce_scatter": lambda: comm.reduce_scatter(small, big, algorithm=algo),
-            "all_gather": lambda: comm.all_gather(big, small, algorithm=algo),
-            "broadcast": lambda: comm.broadcast(big, 0, algorithm=algo),
-            "reduce": lambda: comm.reduce(big, 0, algorithm=algo),
-            "all_to_all": lambda: comm.all_to_all(big, other, algorithm=algo)}[op]
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    call()  # warm-up (and schedule build)
-    sync()
-    iters, spent = 0, 0.0
-    dist.barrier(group=comm.group)
-    while True:
-        t0 = time.perf_counter()
-        call()
-        sync()
-        spent += time.perf_counter() - t0
-        iters += 1
-        flag = torch.tensor([float(spent >= budget_s or iters >= 20)], device=dev)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=comm.group)  # all ranks stop together
-        if flag.item():
-            break
-    mean = torch.tensor([spent / iters], device=dev)
-    dist.all_reduce(mean, op=dist.ReduceOp.MAX, group=comm.group)
-    return float(mean.item())
-
-
-def _cells(ops: tuple[str, ...] | None, sizes: tuple[int, ...], repeats: int) -> list[tuple[str, str, int]]:
-    ops = ops or tuple(c.value for c in Collective)
-    return [(op, a, s) for op in ops for a in algorithms.supported(Collective(op)) for s in sizes] * repeats
-
-
-def _rows(comm, cells: list, budget_s: float) -> list[dict[str, Any]]:
-    rows = []
-    for op, algo, nbytes in cells:
-        t = _time_one(comm, op, algo, nbytes, budget_s)
-        algbw = nbytes / t / 1e9
-        rows.append({"op": op, "algorithm": algo, "bytes": nbytes, "count": nbytes // 4, "dtype": "float32",
-                     "time_us": t * 1e6, "algbw": algbw, "busbw": algbw * BUSBW_FACTOR[op](comm.size),
-                     "wrong": 0, "predicted_us": comm.model.predict(op, nbytes, algo) * 1e6,
-                     "pipeline": comm.model.best_pipeline(op, nbytes, algo),  # the depth it ran at
-                     "in_place": op in ("all_reduce", "broadcast", "reduce")})
-    return rows
-
-
-def _fastest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    best: dict[tuple, dict] = {}
-    for row in rows:  # the fastest of each (op, algorithm, size), in first-seen order
-        key = (row["op"], row["algorithm"], row["bytes"])
-        best[key] = min(best.get(key, row), row, key=lambda r: r["time_us"])
-    return list(best.values())
-
-
-def _header(backend: str, n: int, repeats: int) -> dict[str, Any]:
-    import platform
-    import torch
-    gpu = torch.cuda.get_device_name(0) if backend == "nccl" else None
-    return {"machine": f"{platform.node()} ({usable_cpus()} CPUs{', ' + gpu if gpu else ''})",
-            "backend": backend, "world_size": n, "torch": torch.__version__,
-            "method": f"mean of up to 20 iterations (max over ranks), fastest of {repeats} passes",
-            "load_average": os.getloadavg()}
-
-
-def _measure_worker(rank: int, n: int, port: int, cells: list, out: str, budget_s: float) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from .communicator import Communicator
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
-    topo = Topology.local(n)
-    comm = Communicator(topology=topo, profile=default_params(topo, "gloo"))
-    rows = _rows(comm, cells, budget_s)
-    if rank == 0:
-        Path(out).write_text(json.dumps(rows))
-    dist.destroy_process_group()
-
-
-def measure_local(nproc: int = 4, sizes: tuple[int, ...] = (64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20),
-                  ops: tuple[str, ...] | None = None, budget_s: float = 0.2,
-                  repeats: int = 3) -> tuple[dict[str, Any], list[dict]]:
-    """Times every (op, algorithm, size) with ``nproc`` local gloo ranks; busbw-style header and rows.
-
-    Each cell is timed in ``repeats`` passes and keeps its fastest: on a shared
-    machine, other processes only ever add time.
-    """
-    import socket
-    import tempfile
-
-    import torch.multiprocessing as mp
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "rows.json")
-        mp.spawn(_measure_worker, args=(nproc, port, _cells(ops, sizes, repeats), out, budget_s),
-                 nprocs=nproc, join=True)
-        rows = _fastest(json.loads(Path(out).read_text()))
-    return _header("gloo", nproc, repeats), rows
-
-
-def measure_launched(sizes: tuple[int, ...] = (64 << 10, 1 << 20, 16 << 20, 256 << 20, 1 << 30),
-                     ops: tuple[str, ...] | None = None, budget_s: float = 0.1,
-                     repeats: int = 2) -> tuple[dict[str, Any], list[dict], Topology] | None:
-    """The same under torchrun/mpirun (NCCL on GPUs): returns (header, rows, detected topology) on rank 0."""
-    from .bootstrap import init
-    comm = init()
-    comm.model = CostModel(comm.topology, comm.backend, profile=default_params(comm.topology, comm.backend))
-    rows = _fastest(_rows(comm, _cells(ops, sizes, repeats), budget_s))
-    return (_header(comm.backend, comm.size, repeats), rows, comm.topology) if comm.rank == 0 else None
 
 
 def _sweep_topology(header: dict[str, Any], path: str | None) -> Topology:
@@ -498,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="fit each world size's sweeps on their own (one profile; see [Note: per-world profiles])")
     a = ap.parse_args(argv)
     if a.cmd == "measure":
+        from .calibrate_measure import measure_launched, measure_local
+
         if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
             got = measure_launched()
             if got is None:

@@ -52,10 +52,8 @@ rings (one channel per NIC, so rings leave each node through every NIC), gloo's
 ring, MPICH's algorithm families.
 
 This module holds the parameters (Params, the defaults, theta), Plan and
-CostModel with its cache of structures; rounds.py builds the structures
-(layouts, lines, a Schedule's rounds, the generated structures), pricing.py
-evaluates them (with the pair tier's message-size curve), and native_model.py
-holds the models of the backends' own collectives.
+CostModel with its cache of structures; rounds.py builds the structures,
+pricing.py evaluates them, native_model.py models the backends' own collectives.
 """
 
 from __future__ import annotations
@@ -70,7 +68,7 @@ import numpy as np
 from . import algorithms
 from .native_model import direct_struct, nccl_options, native_structs, pairwise_struct
 # calibrate.py and the tests also reach coefficients, round_lines and schedule_rounds through this module.
-from .pricing import MessageCurve, breakdown, evaluate, line_times
+from .pricing import MessageCurve, _measured, breakdown, evaluate, line_times
 from .rounds import (SETUP, Struct, _Layout, binomial_struct, chain_struct, coefficients, hd_struct,
                      hierarchical_struct, join, messages, price_schedule, ring_struct, round_lines, schedule_rounds,
                      setup_struct, tree_all_reduce_struct)
@@ -98,6 +96,7 @@ class Params:
     reduce_bandwidth: float   # bytes/s of memory traffic of a local reduction
     native_step: float        # s per step inside the backend's own collectives (gloo, MPI)
     call_overhead: float = 0.0  # s per collective call through the Communicator, any algorithm
+    op_overhead: dict[str, float] = field(default_factory=dict)  # op -> s more per call of our schedules
     oversubscribed_step: float = 1e-3  # s more per step when a host's busy ranks outnumber its cores
     message_overhead: float = 0.0  # s of host work per message a rank sends or receives ([Note: messages])
     nodes: int = 1            # nodes of the run it was calibrated on: one node measures no inter-node link
@@ -163,7 +162,7 @@ _STREAMED_NATIVE_MARGIN = 1.05
 # its own keeps the base (the largest measured).
 _WORLD_FIELDS = ("call_overhead", "step_overhead", "intra_alpha", "inter_alpha", "intra_bandwidth",
                  "inter_bandwidth", "pair_bandwidth", "reduce_bandwidth", "oversubscribed_step", "native_step",
-                 "message_overhead", "pair_curve")
+                 "message_overhead", "pair_curve", "op_overhead")
 
 
 def for_world(p: Params, world_size: int) -> Params:
@@ -238,21 +237,6 @@ def _bucket_size(key: tuple[int, int]) -> int:
     return (2 ** (b - 1)) if b < 3 else int((4 + sub + 0.5) * 2 ** (b - 3))
 
 
-def _measured(fit: list, S: np.ndarray) -> np.ndarray:
-    """A calibrated black box (native, or our NVLink kernel): [alpha, seconds per byte] and, optionally,
-    the measured (bytes, seconds) points it was fitted to. Between the first and last point the time is
-    interpolated on log-log axes (NCCL switches protocol and algorithm with size, which no one line
-    follows); elsewhere the line."""
-    t = fit[0] + fit[1] * S
-    if len(fit) > 2 and len(fit[2]) >= 2:
-        pts = np.asarray(fit[2], dtype=float)
-        inside = (S >= pts[0, 0]) & (S <= pts[-1, 0])
-        if inside.any():
-            t = np.where(inside, np.exp(np.interp(np.log(np.maximum(S, 1.0)), np.log(pts[:, 0]),
-                                                   np.log(pts[:, 1]))), t)
-    return t
-
-
 class CostModel:
     """Predicts collective times on a Topology for a backend and chooses the algorithm.
 
@@ -285,6 +269,12 @@ class CostModel:
         half = _dtype_name(dtype) in ("float16", "bfloat16") and self.topology.devices[0] == "cpu"
         return _theta(self.params, _CPU_HALF_SLOWDOWN if half else 1.0)
 
+    def _op_theta(self, coll: Collective, dtype: Any) -> np.ndarray:
+        """theta for our schedules of ``coll``: the call overhead plus the collective's own ([Note: per-op calls])."""
+        theta = self._theta(dtype)
+        theta[0] += self.params.op_overhead.get(coll.value, 0.0)
+        return theta
+
     def _native_theta(self, dtype: Any) -> np.ndarray:
         """theta for the backend's own algorithms: its own per-step cost, and none of our transport's
         per-message cost (gloo and MPI move their messages themselves; native_step covers them)."""
@@ -312,7 +302,7 @@ class CostModel:
         fit = self._kernel(coll, algorithm)
         if fit:
             return _measured(fit, S)
-        theta = self._theta(dtype)
+        theta = self._op_theta(coll, dtype)
         ks = [pipeline] if pipeline else (_pipelines(algorithm) if algorithms.pipelined(algorithm, coll) else (1,))
         return np.min([evaluate(self.struct(coll, algorithm, k), theta, S, curve=self.curve) for k in ks], axis=0)
 
@@ -444,7 +434,7 @@ class CostModel:
             return {"latency": fit[0], "intra": fit[1] * nbytes, "inter": 0.0, "reduce": 0.0,
                     "variant": "measured" if native else "measured NVLink kernel"}
         if not native:
-            return breakdown(self.struct(coll, algorithm, pipeline), self._theta(dtype), float(nbytes), self.curve)
+            return breakdown(self.struct(coll, algorithm, pipeline), self._op_theta(coll, dtype), float(nbytes), self.curve)
         if self.backend == "nccl":
             lab, lat, bw, tier = min(nccl_options(self.topology, coll), key=lambda o: o[1] + nbytes / o[2])
             return {"latency": self.params.call_overhead + lat, "intra": 0.0, "inter": 0.0, "reduce": 0.0,

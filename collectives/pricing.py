@@ -3,7 +3,8 @@
 Each round takes its slowest line, rounds add up (model.py, [Note: structural
 lines]); a tier-3 line's bytes move at the rate of their message size where the
 profile has a measured curve ([Note: message size]; calibrate.py builds it from
-benchmarks/p2p_curve.py).
+benchmarks/p2p_curve.py), and the measured black boxes (native, our NVLink kernel)
+interpolated from their tables.
 """
 
 from __future__ import annotations
@@ -90,3 +91,18 @@ def breakdown(struct: Struct, theta: np.ndarray, nbytes: float, curve: MessageCu
         if int(L[j, 0]) not in (2, SETUP):
             out[_TIERS[int(L[j, 0])]] += count * bl[j] * g[j] * nbytes
     return out
+
+
+def _measured(fit: list, S: np.ndarray) -> np.ndarray:
+    """A calibrated black box (native, or our NVLink kernel): [alpha, seconds per byte] and, optionally,
+    the measured (bytes, seconds) points it was fitted to. Between the first and last point the time is
+    interpolated on log-log axes (NCCL switches protocol and algorithm with size, which no one line
+    follows); elsewhere the line."""
+    t = fit[0] + fit[1] * S
+    if len(fit) > 2 and len(fit[2]) >= 2:
+        pts = np.asarray(fit[2], dtype=float)
+        inside = (S >= pts[0, 0]) & (S <= pts[-1, 0])
+        if inside.any():
+            t = np.where(inside, np.exp(np.interp(np.log(np.maximum(S, 1.0)), np.log(pts[:, 0]),
+                                                   np.log(pts[:, 1]))), t)
+    return t

@@ -1,4 +1,6 @@
-"""The pair tier's message-size curve ([Note: message size] in collectives/pricing.py)."""
+"""The model's newer terms and how calibration fits them: the pair tier's message-size curve ([Note:
+message size] in collectives/pricing.py), NCCL's per-step cost, and per-collective call overheads
+([Note: per-op calls] in collectives/calibrate.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import numpy as np
 import pytest
 
 import collectives.model as M
-from collectives import calibrate
+from collectives import algorithms, calibrate
+from collectives.schedule import Collective
 from collectives.pricing import MessageCurve
 from collectives.topology import Topology
 
@@ -112,3 +115,27 @@ def test_nccl_fit_prices_steps_not_messages():
     assert summary["within_25pct"] == 1.0
     fitted = M.CostModel(topo, "nccl", profile=params)
     assert fitted.predict("all_gather", 1 << 16, "direct") < fitted.predict("all_gather", 1 << 16, "halving_doubling")
+
+
+def test_fit_recovers_each_collectives_call_overhead(tmp_path):
+    """Rows made with different call costs per collective: the fit finds each (the least as call_overhead),
+    prices every row, and a model of the saved profile charges each collective its own."""
+    topo = Topology.local(4, cpus=0)
+    extra = {"all_reduce": 30e-6, "all_gather": 20e-6, "broadcast": 0.0}
+    truth = M.Params(**{**BASE, "call_overhead": 7e-6, "op_overhead": extra})
+    model = M.CostModel(topo, "nccl", profile=truth)
+    rows = [{"op": op, "algorithm": a, "bytes": s, "time_us": model.predict(op, s, a, pipeline=1) * 1e6,
+             "pipeline": 1}
+            for op in extra for a in ("ring", "halving_doubling", "direct", "tree")
+            if a in algorithms.supported(Collective(op)) for s in (1 << 16, 1 << 18, 1 << 20, 1 << 24)]
+    params, summary = calibrate.fit(rows, topo, "nccl")
+    assert params.call_overhead == pytest.approx(truth.call_overhead, rel=0.05)
+    for op, v in extra.items():
+        assert params.op_overhead[op] == pytest.approx(v, abs=0.5e-6)
+    assert max(abs(r - 1) for r in summary["ratios"].values()) < 0.02
+    fitted = M.CostModel(topo, "nccl", profile=params)
+    assert fitted.predict("all_reduce", 1 << 16, "ring") - fitted.predict("broadcast", 1 << 16, "ring", pipeline=1) \
+        > 20e-6
+    # a collective no row measured pays the call overhead alone; native is priced without these terms
+    assert M.CostModel(topo, "nccl", profile=replace(params, op_overhead={})).predict("all_reduce", 1 << 16, "ring") \
+        == pytest.approx(fitted.predict("all_reduce", 1 << 16, "ring") - params.op_overhead["all_reduce"])

@@ -279,8 +279,7 @@ def _depth(comm, coll: Collective | None, algorithm: str, dtype: torch.dtype):
     if coll is None or algorithm not in algorithms.names() or not algorithms.pipelined(algorithm, coll):
         return lambda lay: None
     blocks_in = coll in (Collective.REDUCE_SCATTER, Collective.ALL_TO_ALL)  # sized by the input, as in _call
-    return lambda lay: comm.model.best_pipeline(coll, (lay.inp if blocks_in else lay.out) * dtype.itemsize,
-                                                algorithm, dtype)
+    return lambda lay: comm._select(coll, (lay.inp if blocks_in else lay.out) * dtype.itemsize, dtype, algorithm)[1]
 
 
 def main(argv: list[str] | None = None) -> int:

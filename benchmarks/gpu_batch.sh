@@ -10,7 +10,8 @@
 # and, not in the default list: p2p4 (the point-to-point ceiling), pipecases4 (every pipeline schedule
 # against one process over NCCL), sweep4 (the correctness sweep on 4 GPUs), nvlink4 and nvlink4v (the
 # NVLink kernel's sweeps for calibration and its check), busbw4m and busbw4mv (every op, median of 5 loops),
-# curve4 and curve2 (one ring step's message by size, for the profile's pair curve).
+# curve4 and curve2 (one ring step's message by size, for the profile's pair curve), depths4 (pipelined
+# schedules at depths 1-32).
 # Logs and JSON land in $OUT; each step has its own time limit and a failed step does not stop the rest.
 # One 10-minute device slot does not hold them all: pass a few steps per slot. PACK=1 leaves one
 # $OUT/results.tgz (plus steps.txt) instead of the loose files, for runners that return few files.
@@ -100,6 +101,13 @@ for v in busbw4m busbw4mv; do
     want $v && step $v 280 0,1,2,3 29521 4 -- -m benchmarks.busbw --algo all -b 1K -e 1G -f 4 -n 20 -w 5 --trials 5 \
         --op all_reduce,reduce_scatter,all_gather,broadcast,reduce,all_to_all --json "$OUT/nccl-4gpu-busbw-$v.json"
 done
+# Pipelined schedules at fixed depths (TOPOCOMM_PIPELINE): rows for the fit of the per-step cost.
+if want depths4; then
+    for k in 1 2 4 8 16 32; do
+        TOPOCOMM_PIPELINE=$k step depths4-p$k 120 0,1,2,3 29521 4 -- -m benchmarks.busbw --op all_reduce,broadcast,reduce \
+            --algo tree,ring -b 1M -e 1G -f 4 -n 10 -w 3 --trials 3 --json "$OUT/nccl-4gpu-busbw-depth$k.json"
+    done
+fi
 cat "$OUT/steps.txt"
 if [[ "${PACK:-0}" == 1 ]]; then
     tar czf /tmp/topocomm_results.tgz -C "$OUT" --exclude=steps.txt . && find "$OUT" -mindepth 1 ! -name steps.txt -delete \

@@ -82,6 +82,19 @@ class Handle:
         return self._waits is None
 
 
+def _parse_pipeline(text: str) -> int | None:
+    """``TOPOCOMM_PIPELINE=K``: every pipelined schedule runs in K parts (unset or empty: the model's depth)."""
+    if not text.strip():
+        return None
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise ValueError(f"TOPOCOMM_PIPELINE: expected a whole number of parts >= 1, got {text!r}")
+    return k
+
+
 def _parse_overrides(text: str) -> dict[Collective, str]:
     """``TOPOCOMM_ALGO=all_reduce:ring,all_gather:native`` -> {collective: algorithm}."""
     out: dict[Collective, str] = {}
@@ -112,6 +125,7 @@ class Communicator:
         seg = max_segment_bytes or default_segment_bytes(self.backend)
         self._executor = Executor(transport, seg)
         self._overrides = _parse_overrides(os.environ.get("TOPOCOMM_ALGO", ""))
+        self._pipeline = _parse_pipeline(os.environ.get("TOPOCOMM_PIPELINE", ""))
         self._debug = os.environ.get("TOPOCOMM_DEBUG", "") not in ("", "0")
         self._seq = 0
         self._closed = False
@@ -214,7 +228,10 @@ class Communicator:
         if name is not None and not algorithms.pipelined(name, coll):
             return name, 1
         p = self.model.plan(coll.value, nbytes, dtype, candidates=(name,) if name else self._candidates(coll))
-        return (name or p.algorithm), max(1, int(p.pipeline))
+        name = name or p.algorithm
+        if self._pipeline is not None and algorithms.pipelined(name, coll):
+            return name, self._pipeline
+        return name, max(1, int(p.pipeline))
 
     # -- the collectives -----------------------------------------------------
 

@@ -418,3 +418,29 @@ def dead_peer(comm, timeout_s: float) -> str:
     except TimeoutError as e:
         return f"{time.monotonic() - t0:.2f}|{e}"
     return "no error"
+
+
+def forced_pipeline(comm, value: str) -> dict:
+    """A fresh Communicator made with TOPOCOMM_PIPELINE=value: the depth it picks for a pipelined and a
+    plain schedule, and whether a chain broadcast and a tree all-reduce in that many parts are right;
+    or the error the construction raised."""
+    from collectives import Communicator
+    from collectives.schedule import Collective
+
+    with environ("TOPOCOMM_PIPELINE", value):
+        try:
+            c = Communicator(comm.group, timeout=30)
+        except ValueError as e:
+            return {"error": str(e)}
+    try:
+        depths = {"broadcast/ring": c._select(Collective.BROADCAST, 1 << 20, torch.float32, "ring")[1],
+                  "all_gather/ring": c._select(Collective.ALL_GATHER, 1 << 20, torch.float32, "ring")[1]}
+        b = torch.arange(1001, dtype=torch.float64) * (comm.rank + 1)
+        c.broadcast(b, src=comm.size - 1, algorithm="ring")
+        t = torch.arange(1001, dtype=torch.float64) * (comm.rank + 1)
+        c.all_reduce(t, algorithm="tree")
+        want = torch.arange(1001, dtype=torch.float64)
+        return {"depths": depths, "broadcast": bool(torch.equal(b, want * comm.size)),
+                "all_reduce": bool(torch.equal(t, want * sum(range(1, comm.size + 1))))}
+    finally:
+        c.close()

@@ -60,3 +60,13 @@ def test_silent_peer_raises_within_timeout_naming_it(pool):
         assert "stopped answering" in msg
     # in the ring rank 0 receives from rank 2, so rank 0 must name it
     assert "rank 2" in results[0].split("|", 1)[1]
+
+
+def test_pipeline_depth_from_the_environment(pool):
+    """TOPOCOMM_PIPELINE=K: pipelined schedules run in K parts (and stay right), others are unchanged;
+    a value that is not a whole number >= 1 is refused, naming the variable."""
+    for r in pool.run(3, "tests.cases:forced_pipeline", "5", timeout=60):
+        assert r == {"depths": {"broadcast/ring": 5, "all_gather/ring": 1}, "broadcast": True, "all_reduce": True}
+    for bad in ("0", "two"):
+        for r in pool.run(3, "tests.cases:forced_pipeline", bad, timeout=60):
+            assert "TOPOCOMM_PIPELINE" in r["error"] and repr(bad) in r["error"]

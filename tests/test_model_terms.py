@@ -139,3 +139,22 @@ def test_fit_recovers_each_collectives_call_overhead(tmp_path):
     # a collective no row measured pays the call overhead alone; native is priced without these terms
     assert M.CostModel(topo, "nccl", profile=replace(params, op_overhead={})).predict("all_reduce", 1 << 16, "ring") \
         == pytest.approx(fitted.predict("all_reduce", 1 << 16, "ring") - params.op_overhead["all_reduce"])
+
+
+def test_fit_command_takes_a_curve_file(tmp_path, capsys):
+    """``calibrate fit SWEEP --pair-curve CURVE --per-world --save P``: the profile carries the curve of the
+    sweep's world size and names the file it came from."""
+    import json
+
+    topo = Topology.local(4, cpus=0)
+    model = M.CostModel(topo, "nccl", profile=M.Params(**BASE, pair_curve=POINTS))
+    rows = [{"op": "all_gather", "algorithm": a, "bytes": s, "time_us": model.predict("all_gather", s, a) * 1e6}
+            for a in ("ring", "direct") for s in (1 << 18, 1 << 20, 1 << 22, 1 << 24)]
+    sweep, curve, out = tmp_path / "sweep.json", tmp_path / "curve.json", tmp_path / "p.json"
+    sweep.write_text(json.dumps({"header": {"backend": "nccl", "world_size": 4, "topology": topo.to_json()},
+                                 "rows": rows}))
+    curve.write_text(json.dumps({"header": {"world_size": 4}, "points": POINTS}))
+    calibrate.main(["fit", str(sweep), "--pair-curve", str(curve), "--per-world", "--save", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["params"]["pair_curve"] == POINTS and doc["meta"]["pair_curves"] == [str(curve)]
+    assert "within 25%: 100%" in capsys.readouterr().out

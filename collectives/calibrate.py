@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import algorithms
-from .model import (_WORLD_FIELDS, SETUP, THETA, CostModel, Params, _theta, default_params, line_times,
+from .model import (_WORLD_FIELDS, SETUP, THETA, CostModel, Params, _theta, binding, default_params,
                     evaluate, native_structs)
 from .schedule import Collective
 from .topology import Topology, from_reports, usable_cpus
@@ -110,10 +110,8 @@ def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, 
     k = pipeline or model.best_pipeline(coll, int(nbytes), algorithm)
     x = np.zeros(len(THETA))
     x[0] = 1
-    S = np.array([float(nbytes)])
     for count, L in model.struct(coll, algorithm, k):
-        j = int(np.argmax(line_times(L, theta, S, model.curve)[:, 0]))
-        g = model.curve.factor(L[j:j + 1], S)[0, 0] if model.curve is not None else 1.0
+        j, g = binding(L, theta, nbytes, model.curve)
         tier, m = int(L[j, 0]), L[j, 3]
         x[6] += count * m * 3 * L[j, 2] * nbytes
         if tier == SETUP:  # a buffer copy outside the rounds ([Note: set-up copies] in rounds.py)
@@ -328,9 +326,10 @@ def _fit_native_step(rows: list[dict[str, Any]], topo: Topology, backend: str, p
 
 def _params(p: Params, theta: np.ndarray, op_overhead: dict[str, float] | None = None) -> Params:
     t = [float(v) for v in theta]
-    return replace(p, op_overhead=p.op_overhead if op_overhead is None else op_overhead, call_overhead=t[0], step_overhead=t[1], intra_alpha=t[2], inter_alpha=t[3],
-                   intra_bandwidth=1 / t[4], inter_bandwidth=1 / t[5], reduce_bandwidth=1 / t[6],
-                   pair_bandwidth=1 / t[7], oversubscribed_step=t[8], message_overhead=t[9])
+    return replace(p, op_overhead=p.op_overhead if op_overhead is None else op_overhead, call_overhead=t[0],
+                   step_overhead=t[1], intra_alpha=t[2], inter_alpha=t[3], intra_bandwidth=1 / t[4],
+                   inter_bandwidth=1 / t[5], reduce_bandwidth=1 / t[6], pair_bandwidth=1 / t[7],
+                   oversubscribed_step=t[8], message_overhead=t[9])
 
 
 def load_rows(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:

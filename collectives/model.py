@@ -68,7 +68,7 @@ import numpy as np
 from . import algorithms
 from .native_model import direct_struct, nccl_options, native_structs, pairwise_struct
 # calibrate.py and the tests also reach coefficients, round_lines and schedule_rounds through this module.
-from .pricing import MessageCurve, _measured, breakdown, evaluate, line_times
+from .pricing import MessageCurve, _measured, binding, breakdown, evaluate
 from .rounds import (SETUP, Struct, _Layout, binomial_struct, chain_struct, coefficients, hd_struct,
                      hierarchical_struct, join, messages, price_schedule, ring_struct, round_lines, schedule_rounds,
                      setup_struct, tree_all_reduce_struct)

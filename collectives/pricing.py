@@ -65,6 +65,14 @@ def line_times(L: np.ndarray, theta: np.ndarray, nbytes: np.ndarray,
     return a[:, None] + wire + br[:, None] * nbytes[None, :]
 
 
+def binding(L: np.ndarray, theta: np.ndarray, nbytes: float,
+            curve: MessageCurve | None = None) -> tuple[int, float]:
+    """The round's slowest line at ``nbytes`` and its message-size slowdown (1 off the pair tier)."""
+    S = np.array([float(nbytes)])
+    j = int(np.argmax(line_times(L, theta, S, curve)[:, 0]))
+    return j, float(curve.factor(L[j:j + 1], S)[0, 0]) if curve is not None else 1.0
+
+
 def evaluate(struct: Struct, theta: np.ndarray, nbytes: np.ndarray, step: float | None = None,
              curve: MessageCurve | None = None) -> np.ndarray:
     """Predicted seconds at each size in ``nbytes`` (an array); ``step`` overrides the step overhead."""
@@ -81,15 +89,13 @@ def breakdown(struct: Struct, theta: np.ndarray, nbytes: float, curve: MessageCu
     """Seconds spent on latency, bytes per tier and reduction, following each round's slowest line."""
     out = dict.fromkeys(("latency", "intra", "inter", "reduce"), 0.0)
     out["latency"] = theta[0]
-    S = np.array([nbytes])
     for count, L in struct:
         a, bl, br = coefficients(L, theta)
-        g = curve.factor(L, S)[:, 0] if curve is not None else np.ones(len(L))
-        j = int(np.argmax(a + (bl * g + br) * nbytes))
+        j, g = binding(L, theta, nbytes, curve)
         out["latency"] += count * a[j]
         out["reduce"] += count * br[j] * nbytes
         if int(L[j, 0]) not in (2, SETUP):
-            out[_TIERS[int(L[j, 0])]] += count * bl[j] * g[j] * nbytes
+            out[_TIERS[int(L[j, 0])]] += count * bl[j] * g * nbytes
     return out
 
 

@@ -61,14 +61,16 @@ def _cells(ops: tuple[str, ...] | None, sizes: tuple[int, ...], repeats: int) ->
 
 
 def _rows(comm, cells: list, budget_s: float) -> list[dict[str, Any]]:
+    import torch
     rows = []
     for op, algo, nbytes in cells:
         t = _time_one(comm, op, algo, nbytes, budget_s)
         algbw = nbytes / t / 1e9
+        depth = comm._select(Collective(op), nbytes, torch.float32, algo)[1]  # as the call chose it
         rows.append({"op": op, "algorithm": algo, "bytes": nbytes, "count": nbytes // 4, "dtype": "float32",
                      "time_us": t * 1e6, "algbw": algbw, "busbw": algbw * BUSBW_FACTOR[op](comm.size),
-                     "wrong": 0, "predicted_us": comm.model.predict(op, nbytes, algo) * 1e6,
-                     "pipeline": comm.model.best_pipeline(op, nbytes, algo),  # the depth it ran at
+                     "wrong": 0, "predicted_us": comm.model.predict(op, nbytes, algo, pipeline=depth) * 1e6,
+                     "pipeline": depth,  # the depth it ran at (TOPOCOMM_PIPELINE included)
                      "in_place": op in ("all_reduce", "broadcast", "reduce")})
     return rows
 

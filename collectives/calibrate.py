@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import algorithms
-from .model import (_WORLD_FIELDS, SETUP, THETA, CostModel, Params, _theta, binding, default_params,
+from .model import (_WORLD_FIELDS, HOST, SETUP, THETA, CostModel, Params, _theta, binding, default_params,
                     evaluate, native_structs)
 from .schedule import Collective
 from .topology import Topology, from_reports, usable_cpus
@@ -115,6 +115,9 @@ def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, 
         tier, m = int(L[j, 0]), L[j, 3]
         x[6] += count * m * 3 * L[j, 2] * nbytes
         if tier == SETUP:  # a buffer copy outside the rounds ([Note: set-up copies] in rounds.py)
+            continue
+        if tier == HOST:  # steps no host posts ([Note: posted ahead] in rounds.py)
+            x[1] += count
             continue
         x[1] += count
         x[8] += count * (m > 1)
@@ -277,8 +280,11 @@ def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
                           for topo, rows in sweeps
                           for model in (CostModel(topo, backend, profile=_params(params, theta)),)
                           for r in rows])
-            # alpha_intra rides with the step overhead (the same column on one node); fit what the rows exercise.
-            free = [j for j in (1, 3, 4, 5, 6, 7, 8) + ((9,) if hosted else ()) if np.any(X[:, j] > 0)]
+            # On CPU alpha_intra rides with the step overhead (the same column on one node); on a device the
+            # host pays a step per step it posts and the device alpha per round ([Note: posted ahead] in
+            # rounds.py), which rooted schedules tell apart. Fit what the rows exercise.
+            cols = (1, 3, 4, 5, 6, 7, 8, 9) if hosted else (1, 2, 3, 4, 5, 6, 7, 8)
+            free = [j for j in cols if np.any(X[:, j] > 0)]
             fixed = [j for j in range(1, len(THETA)) if j not in free]
             sol = nnls(np.hstack([onehot, X[:, free]]) / t[:, None], (t - X[:, fixed] @ theta[fixed]) / t)
             new, new_calls = theta.copy(), sol[:len(ops)]

@@ -37,9 +37,11 @@ host does not slow the wire ([Note: CPU stretch] in rounds.py; an
 oversubscribed inter-node transfer also gets a tier-0 line for the host's copy
 of its bytes, so the slower of the two binds). A call adds a fixed ``call``
 overhead, and buffer copies outside the rounds one line of tier 4 (SETUP: 2/3
-r per byte copied, nothing else; [Note: set-up copies] in rounds.py), so a
-prediction is linear in theta once each round's slowest line is known;
-calibrate.py fits theta that way. ``msg`` (Params.message_overhead) is 0 unless
+r per byte copied, nothing else; [Note: set-up copies] in rounds.py), and on
+GPUs a structure whose ranks sit out rounds a line of tier 5 (HOST: the step
+alone) counted negatively, for the steps no rank's host posts ([Note: posted
+ahead] in rounds.py), so a prediction is linear in theta once each round's
+slowest line is known; calibrate.py fits theta that way. ``msg`` (Params.message_overhead) is 0 unless
 fitted, so profiles and backends without it price as before.
 Identical rounds are stored once with a count: a 1,024-rank ring costs one
 round of work.
@@ -69,7 +71,7 @@ from . import algorithms
 from .native_model import direct_struct, nccl_options, native_structs, pairwise_struct
 # calibrate.py and the tests also reach coefficients, round_lines and schedule_rounds through this module.
 from .pricing import MessageCurve, _measured, binding, breakdown, evaluate
-from .rounds import (SETUP, Struct, _Layout, binomial_struct, chain_struct, coefficients, hd_struct,
+from .rounds import (HOST, SETUP, Struct, _Layout, binomial_struct, chain_struct, coefficients, hd_struct,
                      hierarchical_struct, join, messages, price_schedule, ring_struct, round_lines, schedule_rounds,
                      setup_struct, tree_all_reduce_struct)
 from .execute import default_segment_bytes

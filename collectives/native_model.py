@@ -127,7 +127,8 @@ def direct_struct(lay: _Layout, coll: Collective) -> Struct:
     else:  # uniform r and m: each tier's busiest resource decides, so count loads directly
         local = np.bincount(lay.node)[lay.node]             # ranks on each rank's node
         nic = np.bincount(lay.nic, (n - local) / n)         # each NIC: its ranks' traffic to other nodes
-        rows = [(0.0, (local.max() - 1) / n), (3.0, 1 / n)] if local.max() > 1 else []
+        both = 1 if lay.device else 2  # a CPU rank copies its sends and its receives on one thread ([Note: one thread])
+        rows = [(0.0, both * (local.max() - 1) / n), (3.0, 1 / n)] if local.max() > 1 else []
         rows += [(1.0, nic.max())] if nic.max() > 0 else []
         q = 2.0 * (n - 1)  # every rank sends n-1 messages and receives n-1
         rs = _pareto(np.array([(t, f, red, 1.0, q) for t, f in rows]))
@@ -151,8 +152,11 @@ def pairwise_struct(lay: _Layout) -> Struct:
     off = (np.arange(n - 1) * m)[:, None]
     ptx = np.where(inter, n + lay.nic[src], src) + off
     prx = np.where(inter, n + lay.nic[dst], dst) + off
-    load = np.maximum(np.bincount(ptx.ravel(), minlength=m * (n - 1))[ptx],
-                      np.bincount(prx.ravel(), minlength=m * (n - 1))[prx]) / n
+    tx, rx = np.bincount(ptx.ravel(), minlength=m * (n - 1)), np.bincount(prx.ravel(), minlength=m * (n - 1))
+    if not lay.device:  # [Note: one thread] in rounds.py
+        cpu = (np.arange(m * (n - 1)) % m) < n
+        tx[cpu] = rx[cpu] = tx[cpu] + rx[cpu]
+    load = np.maximum(tx[ptx], rx[prx]) / n
     counts: Counter = Counter()  # one transfer per pair a round: the pair line carries 1/n
     for a, b in zip(np.where(inter, 0.0, load).max(axis=1), np.where(inter, load, 0.0).max(axis=1)):
         # every rank sends one message and receives one

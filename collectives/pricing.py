@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .rounds import _TIERS, SETUP, Struct, coefficients
+from .rounds import _TIERS, HOST, SETUP, Struct, coefficients
 
 # [Note: message size]
 # A tier-3 line is one stream between two devices, and its rate depends on the size of the message:
@@ -94,7 +94,7 @@ def breakdown(struct: Struct, theta: np.ndarray, nbytes: float, curve: MessageCu
         j, g = binding(L, theta, nbytes, curve)
         out["latency"] += count * a[j]
         out["reduce"] += count * br[j] * nbytes
-        if int(L[j, 0]) not in (2, SETUP):
+        if int(L[j, 0]) not in (2, SETUP, HOST):
             out[_TIERS[int(L[j, 0])]] += count * bl[j] * g * nbytes
     return out
 

@@ -21,31 +21,34 @@ import numpy as np
 from .schedule import Collective, Recv, Schedule, Send
 from .topology import Topology
 
-_TIERS = ("intra", "inter", "local", "intra", "local")  # tier 3 (a pair of devices) is intra-node too
+_TIERS = ("intra", "inter", "local", "intra", "local", "latency")  # tier 3 (a pair of devices) is intra-node too
 SETUP = 4  # the tier of a collective's buffer copies outside its rounds ([Note: set-up copies])
+HOST = 5  # the tier of the steps an asynchronous device's host does not post ([Note: posted ahead])
 
 
 def coefficients(L: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per line (theta in the order of model.THETA): latency a, seconds per byte over its link, seconds per byte of reduction."""
     t, m = L[:, 0].astype(int), L[:, 3]
     # q (column 4) already counts the host's share of messages ([Note: messages]): not stretched by m
-    a = theta[1] + np.array([theta[2], theta[3], 0.0, theta[2], 0.0])[t] + (m > 1) * theta[8] + L[:, 4] * theta[9]
+    a = theta[1] + np.array([theta[2], theta[3], 0.0, theta[2], 0.0, 0.0])[t] + (m > 1) * theta[8] + L[:, 4] * theta[9]
     a = np.where(t == SETUP, 0.0, a)  # a set-up copy is no round ([Note: set-up copies])
     # [Note: CPU stretch] m slows what the host's cores do (intra-node copies, reductions, scheduling),
     # not the inter-node wire: bytes over a NIC (tier 1) move at the link's rate. The host's side of
     # those bytes is priced by the tier-0 line _lines adds beside an oversubscribed inter-node transfer.
     wire = np.where(t == 1, 1.0, m)
-    return a, wire * L[:, 1] * np.array([theta[4], theta[5], 0.0, theta[7], 0.0])[t], m * 3 * L[:, 2] * theta[6]
+    return a, wire * L[:, 1] * np.array([theta[4], theta[5], 0.0, theta[7], 0.0, 0.0])[t], m * 3 * L[:, 2] * theta[6]
 
 
 @dataclass(frozen=True)
 class _Layout:
-    """Rank -> node, global NIC index and host, as arrays; ``cpus`` per host when ranks are CPU-bound."""
+    """Rank -> node, global NIC index and host, as arrays; ``cpus`` per host when ranks are CPU-bound;
+    ``device``: ranks are accelerators whose hosts post steps ahead ([Note: posted ahead])."""
     node: np.ndarray
     nic: np.ndarray
     host: np.ndarray
     cpus: int
     key: tuple
+    device: bool = False
 
     @classmethod
     def of(cls, topo: Topology) -> _Layout:
@@ -53,9 +56,10 @@ class _Layout:
         nic = node * max(topo.nics_per_node, 1) + np.array(topo.nic_of(), dtype=np.int64)
         names = {h: i for i, h in enumerate(dict.fromkeys(topo.hosts))}
         host = np.array([names[topo.hosts[i]] for i in node] if topo.hosts else node, dtype=np.int64)
-        cpus = topo.cpus if topo.devices and topo.devices[0] == "cpu" else 0
+        device = bool(topo.devices) and topo.devices[0] != "cpu"
+        cpus = 0 if device else topo.cpus
         return cls(node, nic, host, cpus, (tuple(map(tuple, topo.nodes)), topo.nics_per_node,
-                                           tuple(host.tolist()), cpus))
+                                           tuple(host.tolist()), cpus, device), device)
 
     def stretch(self, busy: np.ndarray, work: np.ndarray | None = None) -> np.ndarray:
         """Per rank: how much longer its ``work`` takes with ``busy`` ranks sharing the host's CPUs."""
@@ -77,7 +81,9 @@ def edge_loads(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.
 
     Transfers of a round that share a device port, a NIC or a pair of devices
     split its bandwidth, so a transfer ends when its resource has moved
-    everything posted on it.
+    everything posted on it. A device port and a NIC carry each direction at
+    full rate; a CPU rank's "port" is its one thread, which copies what it
+    sends and what it receives one after the other ([Note: one thread]).
     """
     n = len(lay.node)
     src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
@@ -86,7 +92,10 @@ def edge_loads(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.
     ptx = np.where(inter, n + lay.nic[src], src)   # port ids: devices 0..n-1, NICs n..
     prx = np.where(inter, n + lay.nic[dst], dst)
     m = n + int(lay.nic.max()) + 1
-    port = np.maximum(np.bincount(ptx, frac, m)[ptx], np.bincount(prx, frac, m)[prx])
+    tx, rx = np.bincount(ptx, frac, m), np.bincount(prx, frac, m)
+    if not lay.device:
+        tx[:n] = rx[:n] = tx[:n] + rx[:n]
+    port = np.maximum(tx[ptx], rx[prx])
     key = src * n + dst
     if n * n <= 1 << 24:
         pair = np.bincount(key, frac, n * n)[key]
@@ -109,6 +118,16 @@ def _lines(loads: np.ndarray, r: np.ndarray, m: np.ndarray, q: np.ndarray) -> np
     return np.concatenate([np.column_stack([loads[:, 0], loads[:, 1], r, m, q]),
                            np.column_stack([np.full(intra.sum(), 3.0), loads[intra, 2], r[intra], m[intra], q[intra]]),
                            np.column_stack([np.zeros(host.sum()), loads[host, 1], r[host], m[host], q[host]])])
+
+
+# [Note: one thread]
+# On CPU the shared-memory transport moves a transfer's bytes by two copies, the sender's into a slot and
+# the receiver's out of it, each on that rank's one thread: a rank that sends and receives in a round
+# makes both copies in turn. NVLink and DMA engines carry both directions at once, so a GPU's port
+# does not add them. A pipelined chain broadcast over 4 ranks on 2 cores does 6 copies of the buffer
+# at any depth, as the binomial tree does in its two rounds, and pipelining then only adds rounds:
+# measured at 4 MiB, tree 2714-3020 us at depths 1-8 against chain 3135-3914 (depth 1 runs 3 lone
+# transfers), where ports that counted one direction priced the chain at depth 4 25% under the tree.
 
 
 # [Note: messages]
@@ -181,6 +200,36 @@ def _collect(rounds: list[np.ndarray]) -> Struct:
     return join(tuple((1, lines) for lines in rounds if len(lines)))
 
 
+# [Note: posted ahead]
+# A GPU rank's host posts each step to its stream and goes on to the next without waiting for the
+# bytes, so a round costs the devices its transfer (alpha and bytes) while the host's cost of a step
+# (step: the post of a grouped send/recv) is paid once per step of a rank, not once per round. A chain
+# broadcast over 4 GPUs runs 3 rounds, yet no rank posts more than 2 steps; a binomial tree runs 2 and
+# posts 2. On 4 x H200 at 64 KiB both took 17-25 us, and a step priced per round put the chain at
+# 28 us. On device layouts a structure whose ranks sit out rounds therefore carries one more line, of
+# tier HOST, counted H - R times (H: the most steps one rank posts, R: its rounds), that takes back the
+# step of the rounds no host pays for: the prediction stays linear in theta (calibrate.py), and
+# structures in which every rank works every round (ring, halving-doubling on 2^k ranks, direct,
+# pairwise) are unchanged. On CPU the host moves the bytes itself, a step waits for the one before it,
+# and every round costs its step.
+def posted(lay: _Layout, active: np.ndarray) -> Struct:
+    """The HOST line of a structure whose ``active`` (rounds x ranks) says who works ([Note: posted ahead])."""
+    active = np.asarray(active, bool)
+    active = active[active.any(axis=1)]
+    if not lay.device or not len(active):
+        return ()
+    spare = int(active.sum(axis=0).max()) - len(active)
+    return ((spare, np.array([[float(HOST), 0.0, 0.0, 1.0, 0.0]])),) if spare else ()
+
+
+def _active(n: int, *rounds) -> np.ndarray:
+    """rounds x ranks: whether each rank sends or receives in each round, from per-round arrays of ranks."""
+    out = np.zeros((len(rounds), n), bool)
+    for i, ranks in enumerate(rounds):
+        out[i, np.asarray(ranks, np.int64)] = True
+    return out
+
+
 # -- rounds of a Schedule -----------------------------------------------------
 
 def schedule_rounds(s: Schedule) -> list[list[int]]:
@@ -238,7 +287,8 @@ def price_schedule(s: Schedule, lay: _Layout) -> Struct:
                     rf.append(op.nchunks / s.nchunks)
     rounds = [round_lines(lay, np.array(a, np.int64), np.array(b, np.int64), np.array(f, float),
                           np.array(c, np.int64), np.array(d, float)) for a, b, f, c, d in per.values()]
-    return _collect(rounds)
+    live = [a + b + c for (a, b, _, c, _), lines in zip(per.values(), rounds) if len(lines)]
+    return join(_collect(rounds), posted(lay, _active(s.world_size, *live)))
 
 
 # -- rounds generated from known structures (any world size, no Schedule) ----
@@ -279,8 +329,11 @@ def chain_struct(lay: _Layout, pipeline: int, first: int = 0, reduce: bool = Fal
         lo, hi = max(0, t - k + 1), min(t, n - 2)
         # the window's edges are consecutive: with two or more, every edge has an end that sends and receives
         counts[tuple(np.flatnonzero(prefix[hi + 1] - prefix[lo])), 1 + (hi > lo)] += 1
-    return tuple((c, _pareto(_lines(kinds[list(key)], np.full(len(key), r), np.ones(len(key)), np.full(len(key), q))))
-                 for (key, q), c in counts.items())
+    # [Note: posted ahead]: an inner rank posts k + 1 steps (receive part 0, ..., send part k - 1), an end k
+    spare = (k + (n > 2)) - (k + n - 2)
+    host = ((spare, np.array([[float(HOST), 0.0, 0.0, 1.0, 0.0]])),) if spare and lay.device else ()
+    return join(tuple((c, _pareto(_lines(kinds[list(key)], np.full(len(key), r), np.ones(len(key)), np.full(len(key), q))))
+                      for (key, q), c in counts.items()), host)
 
 
 def windowed_struct(lay: _Layout, src: np.ndarray, dst: np.ndarray, start: np.ndarray, pipeline: int,
@@ -297,7 +350,14 @@ def windowed_struct(lay: _Layout, src: np.ndarray, dst: np.ndarray, start: np.nd
             on = (start >= t - pipeline + 1) & (start <= t)
             memo[key] = round_lines(lay, src[on], dst[on], frac, dst[on & red], frac)
         rounds.append(memo[key])
-    return _collect(rounds)
+    if not lay.device:
+        return _collect(rounds)
+    t = np.arange(nrounds)
+    on = (t[None, :] >= start[:, None]) & (t[None, :] < start[:, None] + pipeline)  # edges x rounds
+    active = np.zeros((nrounds, len(lay.node)), bool)
+    np.logical_or.at(active.T, src, on)
+    np.logical_or.at(active.T, dst, on)
+    return join(_collect(rounds), posted(lay, active))
 
 
 def _tree_shape(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -363,19 +423,24 @@ def hd_struct(lay: _Layout, coll: Collective, full: bool = False) -> Struct:
     surv = np.concatenate([2 * np.arange(r) + 1, np.arange(2 * r, n)]).astype(np.int64)
     even, odd = 2 * np.arange(r), 2 * np.arange(r) + 1
     s = np.arange(m)
-    rounds = []
+    rounds, who = [], []
+
+    def add(src: np.ndarray, dst: np.ndarray, *rest) -> None:
+        rounds.append(round_lines(lay, src, dst, *rest))
+        who.append(np.concatenate([src, dst]))
+
     if coll is Collective.ALL_REDUCE:
         if r:
-            rounds.append(round_lines(lay, even, odd, 1.0, odd, 1.0))
+            add(even, odd, 1.0, odd, 1.0)
         for i in range(k):
             f = 1.0 if full else 1 / (2 << i)
-            rounds.append(round_lines(lay, surv, surv[s ^ (1 << i)], f, surv, f))
+            add(surv, surv[s ^ (1 << i)], f, surv, f)
         for i in range(0 if full else k):
             f = 1 / (m >> i)  # the all-gather runs the halving backwards: 1/m, 2/m, ..., 1/2
-            rounds.append(round_lines(lay, surv, surv[s ^ (m >> (i + 1))], f))
+            add(surv, surv[s ^ (m >> (i + 1))], f)
         if r:
-            rounds.append(round_lines(lay, odd, even, 1.0))
-        return _collect(rounds)
+            add(odd, even, 1.0)
+        return join(_collect(rounds), posted(lay, _active(n, *who)))
     # Blocked layouts: survivor s owns blocks [lo_s, hi_s) (two for the folded pairs), in survivor order.
     lo = np.where(surv < 2 * r, surv - 1, surv)
     hi = surv + 1
@@ -390,22 +455,22 @@ def hd_struct(lay: _Layout, coll: Collective, full: bool = False) -> Struct:
     fold_frac = np.concatenate([even[1:] / n, (n - 1 - even) / n])
     if coll is Collective.REDUCE_SCATTER:
         if r:
-            rounds.append(round_lines(lay, fold_src, fold_dst, fold_frac, odd, (n - 1) / n))
+            add(fold_src, fold_dst, fold_frac, odd, (n - 1) / n)
         for i in range(k):  # distances m/2, ..., 1: groups of m >> (i+1) survivors
             d = m >> (i + 1)
             f = span(d, s ^ d) / n
-            rounds.append(round_lines(lay, surv, surv[s ^ d], f, surv, span(d, s) / n))
+            add(surv, surv[s ^ d], f, surv, span(d, s) / n)
         if r:
-            rounds.append(round_lines(lay, odd, even, 1 / n, even, 1 / n))
+            add(odd, even, 1 / n, even, 1 / n)
     else:  # all-gather: the reduce-scatter's steps reversed, sending what the group holds
         if r:
-            rounds.append(round_lines(lay, even, odd, 1 / n))
+            add(even, odd, 1 / n)
         for i in reversed(range(k)):
             d = m >> (i + 1)
-            rounds.append(round_lines(lay, surv, surv[s ^ d], span(d, s) / n))
+            add(surv, surv[s ^ d], span(d, s) / n)
         if r:
-            rounds.append(round_lines(lay, fold_dst, fold_src, fold_frac))
-    return _collect(rounds)
+            add(fold_dst, fold_src, fold_frac)
+    return join(_collect(rounds), posted(lay, _active(n, *who)))
 
 
 def hierarchical_struct(lay: _Layout, nodes: tuple[tuple[int, ...], ...], parts: int = 1) -> Struct | None:

@@ -85,7 +85,10 @@ def test_closed_forms(n):
     topo = Topology.local(n, cpus=0)  # no CPU oversubscription: the textbook's machine
     p = M.default_params(topo, "gloo")
     model = M.CostModel(topo, "gloo", profile=p)
-    a, beta, gamma = p.step_overhead + p.intra_alpha, 1 / p.intra_bandwidth, 3 / p.reduce_bandwidth
+    a, gamma = p.step_overhead + p.intra_alpha, 3 / p.reduce_bandwidth
+    # A CPU rank copies what it sends and what it receives on one thread ([Note: one thread] in rounds.py):
+    # where every rank does both in a round, a byte costs it two copies.
+    beta, one_way = 2 / p.intra_bandwidth, 1 / p.intra_bandwidth
     S, lg, call = 8e6, math.ceil(math.log2(n)), p.call_overhead
     copy = 2 / p.reduce_bandwidth  # s per byte copied outside the rounds (read + write; [Note: set-up copies])
     forms = {
@@ -100,12 +103,15 @@ def test_closed_forms(n):
         forms[("halving_doubling", C.ALL_REDUCE)] = 2 * lg * a + 2 * (n - 1) / n * S * beta + (n - 1) / n * S * gamma
     for (algo, coll), want in forms.items():
         assert model.predict(coll, S, algo) == pytest.approx(call + want, rel=1e-9), (algo, coll.value)
-    for k in (1, 4, 16):  # pipelined chain
-        chain = (k + n - 2) * (a + S / k * beta)
+    for k in (1, 4, 16):  # pipelined chain: round t runs edges max(0, t-k+1)..min(t, n-2); with two, a rank relays
+        edges = [min(t, n - 2) - max(0, t - k + 1) + 1 for t in range(k + n - 2)]
+        chain = sum(a + S / k * (beta if e > 1 else one_way) for e in edges)
         assert model.predict(C.BROADCAST, S, "ring", pipeline=k) == pytest.approx(call + chain, rel=1e-9)
-    # Binomial tree: lg n rounds of the whole buffer. (Pipelined, a parent feeds up to lg n children in
-    # one round through one port, which the model charges and the multi-port textbook form does not.)
-    assert model.predict(C.BROADCAST, S, "tree", pipeline=1) == pytest.approx(call + lg * (a + S * beta), rel=1e-9)
+    # Binomial tree: lg n rounds of the whole buffer, each rank sending or receiving. (Pipelined, a parent feeds
+    # up to lg n children in one round through one port, which the model charges and the multi-port textbook
+    # form does not.)
+    assert model.predict(C.BROADCAST, S, "tree", pipeline=1) == pytest.approx(call + lg * (a + S * one_way),
+                                                                              rel=1e-9)
 
 
 def test_shared_ports_split_bandwidth():
@@ -115,8 +121,9 @@ def test_shared_ports_split_bandwidth():
     lines = M.round_lines(lay, np.array([0, 1]), np.array([4, 5]), 0.25)
     assert lines.tolist() == [[1.0, 0.5, 0.0, 1.0, 1.0]]  # both transfers share NIC 0 of node 0: half a buffer each way
     lines = M.round_lines(lay, np.array([0, 0, 1]), np.array([1, 1, 2]), 0.25)  # two messages 0->1 share a pair
-    # rank 1 receives two messages and sends one: 3 messages at the busier end of every transfer
-    assert sorted(lines.tolist()) == [[0.0, 0.5, 0.0, 1.0, 3.0], [3.0, 0.5, 0.0, 1.0, 3.0]]
+    # rank 1 receives two messages and sends one: 3 messages at the busier end of every transfer, and its one
+    # thread copies all three (0.75 of a buffer; [Note: one thread])
+    assert sorted(lines.tolist()) == [[0.0, 0.75, 0.0, 1.0, 3.0], [3.0, 0.5, 0.0, 1.0, 3.0]]
 
 
 def test_ranks_sharing_cpus_stretch_their_rounds():

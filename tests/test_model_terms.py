@@ -1,6 +1,7 @@
 """The model's newer terms and how calibration fits them: the pair tier's message-size curve ([Note:
-message size] in collectives/pricing.py), NCCL's per-step cost, and per-collective call overheads
-([Note: per-op calls] in collectives/calibrate.py)."""
+message size] in collectives/pricing.py), NCCL's per-step cost, per-collective call overheads
+([Note: per-op calls] in collectives/calibrate.py), and steps posted ahead on GPUs ([Note: posted ahead]
+in collectives/rounds.py)."""
 
 from __future__ import annotations
 
@@ -158,3 +159,24 @@ def test_fit_command_takes_a_curve_file(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["params"]["pair_curve"] == POINTS and doc["meta"]["pair_curves"] == [str(curve)]
     assert "within 25%: 100%" in capsys.readouterr().out
+
+
+def test_gpu_hosts_pay_a_step_per_step_they_post():
+    """[Note: posted ahead] in collectives/rounds.py: on GPUs a chain broadcast's 7 rounds over 8 ranks cost
+    the devices 7 latencies and the hosts 2 steps each (receive, then send); on CPU every round costs a step.
+    A ring, where every rank works every round, pays a step per round on both."""
+    step, alpha = 1e-4, 1e-6
+    p = M.Params(**{**BASE, "step_overhead": step, "intra_alpha": alpha, "pair_bandwidth": 1e15})
+    gpu = M.CostModel(Topology.preset("dgx-h100", 1), "nccl", profile=p)
+    cpu = M.CostModel(Topology.local(8, cpus=0), "nccl", profile=p)
+    assert gpu.topology.world_size == 8 and gpu._lay.device and not cpu._lay.device
+    C = Collective
+    assert gpu.predict(C.BROADCAST, 8, "ring", pipeline=1) == pytest.approx(2 * step + 7 * alpha, rel=1e-6)
+    assert cpu.predict(C.BROADCAST, 8, "ring", pipeline=1) == pytest.approx(7 * (step + alpha), rel=1e-6)
+    # pipelined in 4 parts: 10 rounds, and an inner rank posts 5 steps (receive part 0 ... send part 3)
+    assert gpu.predict(C.BROADCAST, 8, "ring", pipeline=4) == pytest.approx(5 * step + 10 * alpha, rel=1e-6)
+    for model in (gpu, cpu):
+        assert model.predict(C.ALL_GATHER, 8, "ring") == pytest.approx(7 * (step + alpha), rel=1e-6)
+    # the fit sees the same count: the step column of a chain broadcast on GPUs is 2, its latency column 7
+    x = calibrate.features(gpu, C.BROADCAST, "ring", 8.0, M._theta(gpu.params), pipeline=1)
+    assert (x[1], x[2]) == (2.0, 7.0)

@@ -352,12 +352,12 @@ def windowed_struct(lay: _Layout, src: np.ndarray, dst: np.ndarray, start: np.nd
         rounds.append(memo[key])
     if not lay.device:
         return _collect(rounds)
-    t = np.arange(nrounds)
-    on = (t[None, :] >= start[:, None]) & (t[None, :] < start[:, None] + pipeline)  # edges x rounds
-    active = np.zeros((nrounds, len(lay.node)), bool)
-    np.logical_or.at(active.T, src, on)
-    np.logical_or.at(active.T, dst, on)
-    return join(_collect(rounds), posted(lay, active))
+    # each edge keeps both its ends busy for rounds [start, start + pipeline): count open windows per rank
+    open_ = np.zeros((len(lay.node), nrounds + 1))
+    for end in (src, dst):
+        np.add.at(open_, (end, np.clip(start, 0, nrounds)), 1)
+        np.add.at(open_, (end, np.clip(start + pipeline, 0, nrounds)), -1)
+    return join(_collect(rounds), posted(lay, (np.cumsum(open_, axis=1)[:, :nrounds] > 0).T))
 
 
 def _tree_shape(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

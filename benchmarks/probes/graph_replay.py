@@ -6,9 +6,10 @@ host micro-costs (Python, a kernel launch, a stream wait, one NCCL p2p step, a o
 
 Each rank writes OUT/probe-TAG-rRANK.json: {case: [host us per call, us per call]} (medians of 5 loops).
 """
-import json, os, statistics, time
+import json, os
 import torch, torch.distributed as dist
 import collectives as C
+from benchmarks._timing import issued_and_done
 
 comm = C.init(timeout=60)
 dev = comm.device
@@ -19,17 +20,7 @@ def cur():
     return int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[36])
 
 def timed(fn, iters=50, trials=5):
-    host, total = [], []
-    for _ in range(trials):
-        torch.cuda.synchronize(); comm.barrier(); torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        host.append((t1 - t0) / iters * 1e6); total.append((t2 - t0) / iters * 1e6)
-    return round(statistics.median(host), 2), round(statistics.median(total), 2)
+    return issued_and_done(comm, fn, iters, trials)
 
 E = 16384  # 64 KiB of float32
 x = torch.ones(E, device=dev); big = torch.ones(E * n, device=dev)

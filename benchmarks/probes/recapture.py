@@ -3,24 +3,16 @@ K times (default 6) in one process, and each capture's replays timed as graph_re
 
     for i in 1 2 3; do TAG=l$i OUT=dir torchrun --nproc-per-node 4 -m benchmarks.probes.recapture; done
 """
-import json, os, statistics, time
+import json, os
 import torch
 import collectives as C
+from benchmarks._timing import issued_and_done
 
 comm = C.init(timeout=60)
 dev, rank, n = comm.device, comm.rank, comm.size
 
 def timed(fn, iters=50, trials=3):
-    host, total = [], []
-    for _ in range(trials):
-        torch.cuda.synchronize(); comm.barrier(); torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        host.append((t1 - t0) / iters * 1e6); total.append((time.perf_counter() - t0) / iters * 1e6)
-    return round(statistics.median(host), 1), round(statistics.median(total), 1)
+    return issued_and_done(comm, fn, iters, trials)
 
 E = 16384
 x = torch.ones(E, device=dev); big = torch.ones(E * n, device=dev)

@@ -41,8 +41,9 @@ r per byte copied, nothing else; [Note: set-up copies] in rounds.py), and on
 GPUs a structure whose ranks sit out rounds a line of tier 5 (HOST: the step
 alone) counted negatively, for the steps no rank's host posts ([Note: posted
 ahead] in rounds.py), so a prediction is linear in theta once each round's
-slowest line is known; calibrate.py fits theta that way. ``msg`` (Params.message_overhead) is 0 unless
-fitted, so profiles and backends without it price as before.
+slowest line is known; calibrate.py fits theta that way. ``msg``
+(Params.message_overhead) is 0 unless fitted, so profiles and backends without
+it price as before.
 Identical rounds are stored once with a count: a 1,024-rank ring costs one
 round of work.
 

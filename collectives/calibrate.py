@@ -125,7 +125,7 @@ def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, 
         if tier != 2:
             x[2 + (tier == 1)] += count
             stretch = 1 if tier == 1 else m  # [Note: CPU stretch]: a wire is not slowed by busy cores
-            x[{0: 4, 1: 5, 3: 7}[tier]] += count * stretch * L[j, 1] * nbytes * g
+            x[{0: 4, 1: 5, 3: 7, 6: 7}[tier]] += count * stretch * L[j, 1] * nbytes * g
     return x
 
 

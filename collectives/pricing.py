@@ -27,6 +27,14 @@ from .rounds import _TIERS, HOST, SETUP, Struct, coefficients
 # posted in segments of at most ``segment`` bytes (execute.py), so its messages are no larger. The
 # factor multiplies bytes / B_pair, keeping a prediction linear in theta.
 
+# [Note: one way]
+# The curve is measured on ring steps, where every GPU sends and receives at once. A GPU that only sends
+# or only receives in a round is not slowed that way: one send alone moved 275-346 GB/s per message where
+# the ring step moved 143-160 GB/s (32-128 MiB, 4 x H200), and a depth-1 chain reduce (one transfer a
+# round) ran 1.9x faster than the curve priced it at 16 MiB-1 GiB. The pair lines of transfers whose ends
+# neither both send and receive in the round are tier 6, priced at the flat 1/B_pair, where the port's
+# line (tier 0) usually binds.
+
 
 @dataclass(frozen=True)
 class MessageCurve:

@@ -21,22 +21,26 @@ import numpy as np
 from .schedule import Collective, Recv, Schedule, Send
 from .topology import Topology
 
-_TIERS = ("intra", "inter", "local", "intra", "local", "latency")  # tier 3 (a pair of devices) is intra-node too
+# tiers: 0 a device's port, 1 a NIC, 2 a reduction alone, 3 a pair of devices, 4 set-up copies, 5 host steps,
+# 6 a pair of devices whose ends each only send or only receive in the round ([Note: one way] in pricing.py)
+_TIERS = ("intra", "inter", "local", "intra", "local", "latency", "intra")
 SETUP = 4  # the tier of a collective's buffer copies outside its rounds ([Note: set-up copies])
 HOST = 5  # the tier of the steps an asynchronous device's host does not post ([Note: posted ahead])
+PAIR, ONE_WAY = 3, 6
 
 
 def coefficients(L: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per line (theta in the order of model.THETA): latency a, seconds per byte over its link, seconds per byte of reduction."""
     t, m = L[:, 0].astype(int), L[:, 3]
     # q (column 4) already counts the host's share of messages ([Note: messages]): not stretched by m
-    a = theta[1] + np.array([theta[2], theta[3], 0.0, theta[2], 0.0, 0.0])[t] + (m > 1) * theta[8] + L[:, 4] * theta[9]
+    a = theta[1] + np.array([theta[2], theta[3], 0.0, theta[2], 0.0, 0.0, theta[2]])[t] + (m > 1) * theta[8] + L[:, 4] * theta[9]
     a = np.where(t == SETUP, 0.0, a)  # a set-up copy is no round ([Note: set-up copies])
     # [Note: CPU stretch] m slows what the host's cores do (intra-node copies, reductions, scheduling),
     # not the inter-node wire: bytes over a NIC (tier 1) move at the link's rate. The host's side of
     # those bytes is priced by the tier-0 line _lines adds beside an oversubscribed inter-node transfer.
     wire = np.where(t == 1, 1.0, m)
-    return a, wire * L[:, 1] * np.array([theta[4], theta[5], 0.0, theta[7], 0.0, 0.0])[t], m * 3 * L[:, 2] * theta[6]
+    per_byte = np.array([theta[4], theta[5], 0.0, theta[7], 0.0, 0.0, theta[7]])[t]
+    return a, wire * L[:, 1] * per_byte, m * 3 * L[:, 2] * theta[6]
 
 
 @dataclass(frozen=True)
@@ -105,8 +109,9 @@ def edge_loads(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.
     return np.column_stack([inter.astype(float), port, np.where(inter, 0.0, pair)])
 
 
-def _lines(loads: np.ndarray, r: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Lines of transfers: one on the port or NIC (tier 0/1), one on the pair for intra-node ones (tier 3).
+def _lines(loads: np.ndarray, r: np.ndarray, m: np.ndarray, q: np.ndarray, duplex: np.ndarray) -> np.ndarray:
+    """Lines of transfers: one on the port or NIC (tier 0/1), one on the pair for intra-node ones (tier 3,
+    or 6 where neither end both sends and receives in the round: ``duplex`` false).
 
     An inter-node transfer whose ends share oversubscribed cores (m > 1) also gets a tier-0 line: the
     host copies its bytes at the intra-node rate, stretched by m. The NIC line is not stretched
@@ -116,7 +121,8 @@ def _lines(loads: np.ndarray, r: np.ndarray, m: np.ndarray, q: np.ndarray) -> np
     intra = loads[:, 0] == 0
     host = ~intra & (m > 1)
     return np.concatenate([np.column_stack([loads[:, 0], loads[:, 1], r, m, q]),
-                           np.column_stack([np.full(intra.sum(), 3.0), loads[intra, 2], r[intra], m[intra], q[intra]]),
+                           np.column_stack([np.where(duplex[intra], float(PAIR), float(ONE_WAY)), loads[intra, 2],
+                                            r[intra], m[intra], q[intra]]),
                            np.column_stack([np.zeros(host.sum()), loads[host, 1], r[host], m[host], q[host]])])
 
 
@@ -171,7 +177,9 @@ def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np
     m = lay.stretch(busy, work)  # [Note: shared cores]
     # Both ends of a transfer wait for it; the end with more work (copies, reductions) finishes last.
     heavy = np.where(work[src] >= work[dst], src, dst)
-    lines = [_lines(edge_loads(lay, src, dst, f), np.maximum(red[src], red[dst]), m[heavy], np.maximum(q[src], q[dst])),
+    both = (np.bincount(src, minlength=n) > 0) & (np.bincount(dst, minlength=n) > 0)  # ranks sending and receiving
+    lines = [_lines(edge_loads(lay, src, dst, f), np.maximum(red[src], red[dst]), m[heavy], np.maximum(q[src], q[dst]),
+                    both[src] | both[dst]),
              np.column_stack([np.full(len(lonely), 2.0), np.zeros(len(lonely)), red[lonely], m[lonely], q[lonely]])]
     out = np.concatenate(lines)
     return _pareto(out) if len(out) else np.zeros((0, 5))
@@ -332,7 +340,9 @@ def chain_struct(lay: _Layout, pipeline: int, first: int = 0, reduce: bool = Fal
     # [Note: posted ahead]: an inner rank posts k + 1 steps (receive part 0, ..., send part k - 1), an end k
     spare = (k + (n > 2)) - (k + n - 2)
     host = ((spare, np.array([[float(HOST), 0.0, 0.0, 1.0, 0.0]])),) if spare and lay.device else ()
-    return join(tuple((c, _pareto(_lines(kinds[list(key)], np.full(len(key), r), np.ones(len(key)), np.full(len(key), q))))
+    # with two or more edges in the window every edge has an end that sends and receives ([Note: one way])
+    return join(tuple((c, _pareto(_lines(kinds[list(key)], np.full(len(key), r), np.ones(len(key)), np.full(len(key), q),
+                                         np.full(len(key), q > 1))))
                       for (key, q), c in counts.items()), host)
 
 

@@ -1,7 +1,7 @@
 """The model's newer terms and how calibration fits them: the pair tier's message-size curve ([Note:
 message size] in collectives/pricing.py), NCCL's per-step cost, per-collective call overheads
-([Note: per-op calls] in collectives/calibrate.py), and steps posted ahead on GPUs ([Note: posted ahead]
-in collectives/rounds.py)."""
+([Note: per-op calls] in collectives/calibrate.py), steps posted ahead on GPUs ([Note: posted ahead]
+in collectives/rounds.py), and one-way transfers ([Note: one way] in collectives/pricing.py)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,17 @@ def test_ring_all_gather_pays_its_message_size_rate():
     for nbytes, like in ((4 * MiB, half), (64 * MiB, flat), (1 << 30, flat)):
         assert curved.predict("all_gather", nbytes, "ring") == pytest.approx(like.predict("all_gather", nbytes, "ring"))
     assert curved.predict("all_gather", 4 * MiB, "ring") > flat.predict("all_gather", 4 * MiB, "ring")
+
+
+def test_one_way_transfers_keep_the_flat_rate():
+    """[Note: one way] in collectives/pricing.py: the curve, measured on ring steps, slows the transfers of
+    rounds in which a rank sends and receives at once, not a chain's lone transfers."""
+    curved, step, S = _model(pair_curve=POINTS), BASE["step_overhead"], MiB
+    # in one part: 3 rounds of one transfer each, at the flat 2 GB/s (1 MiB is below the curve's knee: 2x there)
+    assert curved.predict("broadcast", S, "ring", pipeline=1) == pytest.approx(3 * (step + S / 2e9), rel=1e-9)
+    # in two parts of 512 KiB: the first and last rounds carry one transfer, the middle two relay at half the rate
+    two = 4 * step + S / 2 / 2e9 * (1 + 2 + 2 + 1)
+    assert curved.predict("broadcast", S, "ring", pipeline=2) == pytest.approx(two, rel=1e-9)
 
 
 def test_reducing_transfers_move_in_segments():

@@ -21,6 +21,16 @@ first (default 1; 0 captures at once, as the GPU correctness sweep does). Scratc
 the cache keeps at most ``max_graphs`` instances (least recently used go).
 The NCCL communicator must exist before the first capture; the Communicator
 creates it with its first exchange.
+
+[Note: graph mixing] Our captured schedules and NCCL's own collectives (``native``)
+share one NCCL communicator, and a replay may still be running when a native call
+is issued. NCCL supports that only with its graph mixing on (the default). With
+``NCCL_GRAPH_MIXING_SUPPORT=0`` in the environment it does not, and stream order
+is not enough, so the cache then stays off and says so once. Set
+``TOPOCOMM_CUDA_GRAPHS=1`` to capture anyway, where no call of ``native`` can
+overlap a replay. With mixing off, 4 x H200 replays ran a quarter to a third
+faster; one rank's replays also ran slowly less often (1 of 6 launches, against
+about half with mixing on; benchmarks/results/gpu-h200x4-2026-11-27-costmodel.md).
 """
 
 from __future__ import annotations
@@ -33,13 +43,26 @@ from collections.abc import Callable, Hashable
 import torch
 
 
+def graphs_enabled() -> bool:
+    """``$TOPOCOMM_CUDA_GRAPHS`` if set, else on unless NCCL's graph mixing is off ([Note: graph mixing])."""
+    asked = os.environ.get("TOPOCOMM_CUDA_GRAPHS")
+    if asked is not None:
+        return asked not in ("0", "")
+    if os.environ.get("NCCL_GRAPH_MIXING_SUPPORT", "").strip() == "0":
+        warnings.warn("topocomm: NCCL_GRAPH_MIXING_SUPPORT=0, under which NCCL does not support captured and "
+                      "non-captured calls on one communicator; our collectives run without CUDA graphs "
+                      "(TOPOCOMM_CUDA_GRAPHS=1 captures them anyway)", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
 class GraphCache:
     def __init__(self, stream: torch.cuda.Stream, max_graphs: int | None = None,
                  max_bytes: int | None = None, warmup: int | None = None) -> None:
         self.stream = stream
         self.max_graphs = max_graphs or int(os.environ.get("TOPOCOMM_GRAPH_CACHE", "64"))
         self.max_bytes = max_bytes or int(os.environ.get("TOPOCOMM_GRAPH_MAX_BYTES", str(1 << 30)))
-        self.enabled = os.environ.get("TOPOCOMM_CUDA_GRAPHS", "1") not in ("0", "")
+        self.enabled = graphs_enabled()
         self._graphs: collections.OrderedDict[Hashable, torch.cuda.CUDAGraph] = collections.OrderedDict()
         self.warmup = int(os.environ.get("TOPOCOMM_GRAPH_WARMUP", "1")) if warmup is None else warmup
         if self.warmup < 0:

@@ -81,3 +81,19 @@ def test_warmup_zero_captures_at_once_and_limits_hold(fake_cuda_graphs) -> None:
     assert log[-1] == "eager" and cache.captures == 3
     with pytest.raises(ValueError, match="warmup"):
         GraphCache(stream=None, warmup=-1)
+
+
+def test_graph_mixing_off_keeps_graphs_off_unless_asked(monkeypatch) -> None:
+    """[Note: graph mixing]: with NCCL_GRAPH_MIXING_SUPPORT=0 our replays may not share a communicator with
+    native calls, so the cache stays off (with a warning) unless TOPOCOMM_CUDA_GRAPHS asks for it."""
+    monkeypatch.delenv("TOPOCOMM_CUDA_GRAPHS", raising=False)
+    monkeypatch.delenv("NCCL_GRAPH_MIXING_SUPPORT", raising=False)
+    assert GraphCache(stream=None).enabled
+    monkeypatch.setenv("NCCL_GRAPH_MIXING_SUPPORT", "0")
+    with pytest.warns(RuntimeWarning, match="NCCL_GRAPH_MIXING_SUPPORT=0"):
+        assert not GraphCache(stream=None).enabled
+    monkeypatch.setenv("TOPOCOMM_CUDA_GRAPHS", "1")
+    assert GraphCache(stream=None).enabled
+    monkeypatch.setenv("TOPOCOMM_CUDA_GRAPHS", "0")
+    monkeypatch.delenv("NCCL_GRAPH_MIXING_SUPPORT")
+    assert not GraphCache(stream=None).enabled

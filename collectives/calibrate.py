@@ -116,10 +116,9 @@ def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, 
         x[6] += count * m * 3 * L[j, 2] * nbytes
         if tier == SETUP:  # a buffer copy outside the rounds ([Note: set-up copies] in rounds.py)
             continue
-        if tier == HOST:  # steps no host posts ([Note: posted ahead] in rounds.py)
-            x[1] += count
-            continue
         x[1] += count
+        if tier == HOST:  # steps no host posts ([Note: posted ahead] in rounds.py): the step alone
+            continue
         x[8] += count * (m > 1)
         x[9] += count * L[j, 4]
         if tier != 2:

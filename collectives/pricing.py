@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .rounds import _TIERS, HOST, SETUP, Struct, coefficients
+from .rounds import _TIERS, HOST, PAIR, SETUP, Struct, coefficients
 
 # [Note: message size]
 # A tier-3 line is one stream between two devices, and its rate depends on the size of the message:
@@ -60,7 +60,7 @@ class MessageCurve:
         msg = L[:, 1][:, None] * nbytes[None, :]
         msg = np.where(L[:, 2][:, None] > 0, np.minimum(msg, self.segment), msg)
         g = np.interp(np.log(np.maximum(msg, 1.0)), self.log_bytes, self.slowdown)
-        return np.where((L[:, 0] == 3)[:, None], g, 1.0)
+        return np.where((L[:, 0] == PAIR)[:, None], g, 1.0)
 
 
 def line_times(L: np.ndarray, theta: np.ndarray, nbytes: np.ndarray,

@@ -222,12 +222,16 @@ def _collect(rounds: list[np.ndarray]) -> Struct:
 # and every round costs its step.
 def posted(lay: _Layout, active: np.ndarray) -> Struct:
     """The HOST line of a structure whose ``active`` (rounds x ranks) says who works ([Note: posted ahead])."""
+    if not lay.device:
+        return ()
     active = np.asarray(active, bool)
     active = active[active.any(axis=1)]
-    if not lay.device or not len(active):
-        return ()
-    spare = int(active.sum(axis=0).max()) - len(active)
-    return ((spare, np.array([[float(HOST), 0.0, 0.0, 1.0, 0.0]])),) if spare else ()
+    return _host_line(lay, int(active.sum(axis=0).max()) - len(active)) if len(active) else ()
+
+
+def _host_line(lay: _Layout, spare: int) -> Struct:
+    """``spare`` (<= 0) rounds' worth of steps taken back where a device's host posts ahead ([Note: posted ahead])."""
+    return ((spare, np.array([[float(HOST), 0.0, 0.0, 1.0, 0.0]])),) if spare and lay.device else ()
 
 
 def _active(n: int, *rounds) -> np.ndarray:
@@ -338,8 +342,7 @@ def chain_struct(lay: _Layout, pipeline: int, first: int = 0, reduce: bool = Fal
         # the window's edges are consecutive: with two or more, every edge has an end that sends and receives
         counts[tuple(np.flatnonzero(prefix[hi + 1] - prefix[lo])), 1 + (hi > lo)] += 1
     # [Note: posted ahead]: an inner rank posts k + 1 steps (receive part 0, ..., send part k - 1), an end k
-    spare = (k + (n > 2)) - (k + n - 2)
-    host = ((spare, np.array([[float(HOST), 0.0, 0.0, 1.0, 0.0]])),) if spare and lay.device else ()
+    host = _host_line(lay, (k + (n > 2)) - (k + n - 2))
     # with two or more edges in the window every edge has an end that sends and receives ([Note: one way])
     return join(tuple((c, _pareto(_lines(kinds[list(key)], np.full(len(key), r), np.ones(len(key)), np.full(len(key), q),
                                          np.full(len(key), q > 1))))

@@ -55,8 +55,9 @@ rings (one channel per NIC, so rings leave each node through every NIC), gloo's
 ring, MPICH's algorithm families.
 
 This module holds the parameters (Params, the defaults, theta), Plan and
-CostModel with its cache of structures; rounds.py builds the structures,
-pricing.py evaluates them, native_model.py models the backends' own collectives.
+CostModel with its cache of structures; rounds.py and structures.py build the
+structures, pricing.py evaluates them, native_model.py models the backends' own
+collectives.
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ from . import algorithms
 from .native_model import direct_struct, nccl_options, native_structs, pairwise_struct
 # calibrate.py and the tests also reach coefficients, round_lines and schedule_rounds through this module.
 from .pricing import MessageCurve, _measured, binding, breakdown, evaluate
-from .rounds import (HOST, SETUP, Struct, _Layout, binomial_struct, chain_struct, coefficients, hd_struct,
-                     hierarchical_struct, join, messages, price_schedule, ring_struct, round_lines, schedule_rounds,
-                     setup_struct, tree_all_reduce_struct)
+from .rounds import (HOST, SETUP, Struct, _Layout, coefficients, join, messages, price_schedule, round_lines,
+                     schedule_rounds, setup_struct)
+from .structures import (binomial_struct, chain_struct, hd_struct, hierarchical_struct, ring_struct,
+                         tree_all_reduce_struct)
 from .execute import default_segment_bytes
 from .schedule import Collective
 from .topology import Topology

@@ -16,8 +16,8 @@ from collections import Counter
 
 import numpy as np
 
-from .rounds import (Struct, _collect, _Layout, _pareto, binomial_struct, hd_struct, join, ring_struct,
-                     round_lines, setup_struct)
+from .rounds import Struct, _collect, _Layout, _pareto, join, round_lines, setup_struct
+from .structures import binomial_struct, hd_struct, ring_struct
 from .schedule import Collective
 from .topology import Topology
 

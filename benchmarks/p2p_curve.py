@@ -8,7 +8,7 @@ Communicator's transport (on 2 ranks: an exchange between the pair). Prints
 the slowest rank's time per step (median of --trials loops of -n steps) and
 the message bandwidth; ``--json`` writes them with a header for
 ``python -m collectives.calibrate fit --pair-curve FILE`` ([Note: message
-size] in collectives/rounds.py).
+size] in collectives/pricing.py).
 """
 
 from __future__ import annotations

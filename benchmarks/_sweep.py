@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import statistics
 import time
 from collections.abc import Callable
 
@@ -80,12 +81,6 @@ def _aggregate(comm, values: list[float], how: int) -> list[float]:
     return t.tolist()
 
 
-def _median(values: list[float]) -> float:
-    v = sorted(values)
-    mid = len(v) // 2
-    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
-
-
 # [Note: trials]
 # On GPUs a small call takes 20-100 us, and one hiccup of the host (a page fault, a context switch, a
 # late launch on one of the ranks) in a loop of 5-20 calls moves the slowest rank's mean by 10-100%:
@@ -123,7 +118,7 @@ def measure(comm, op: BenchOp, algorithm: str, lay: Layout, in_place: bool, s: S
             run()
         _sync(comm.device)
         means.append((time.perf_counter() - t0) / max(1, s.iters))
-    time_us = _median(_aggregate(comm, means, s.aggregate)) * 1e6
+    time_us = statistics.median(_aggregate(comm, means, s.aggregate)) * 1e6
     wrong = check(comm, op, run, inp, out, s) if s.check else None
     return Measurement(time_us, wrong)
 
@@ -152,7 +147,7 @@ def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, i
             total[a][k // s.iters] += time.perf_counter() - t0
     out = {}
     for a, (run, inp, buf) in runs.items():
-        time_us = _median(_aggregate(comm, [t / max(1, s.iters) for t in total[a]], s.aggregate)) * 1e6
+        time_us = statistics.median(_aggregate(comm, [t / max(1, s.iters) for t in total[a]], s.aggregate)) * 1e6
         out[a] = Measurement(time_us, check(comm, op, run, inp, buf, s) if s.check else None)
     return out
 

@@ -307,9 +307,12 @@ class CostModel:
         fit = self._kernel(coll, algorithm)
         if fit:
             return _measured(fit, S)
-        theta = self._op_theta(coll, dtype)
         ks = [pipeline] if pipeline else (_pipelines(algorithm) if algorithms.pipelined(algorithm, coll) else (1,))
-        return np.min([evaluate(self.struct(coll, algorithm, k), theta, S, curve=self.curve) for k in ks], axis=0)
+        return np.min(self._depth_times(coll, algorithm, ks, self._op_theta(coll, dtype), S), axis=0)
+
+    def _depth_times(self, coll: Collective, algorithm: str, ks, theta: np.ndarray, S: np.ndarray) -> np.ndarray:
+        """depths x sizes: predicted seconds of our ``algorithm`` in each number of parts of ``ks``."""
+        return np.array([evaluate(self.struct(coll, algorithm, k), theta, S, curve=self.curve) for k in ks])
 
     def _kernel(self, coll: Collective, algorithm: str) -> list | None:
         """The measured fit of ``algorithm`` where it runs as our NVLink kernel ([Note: NVLink direct]):
@@ -343,9 +346,8 @@ class CostModel:
         coll = Collective(op)
         if algorithm == NATIVE or not algorithms.pipelined(algorithm, coll) or self.topology.world_size < 2:
             return 1
-        S, theta = np.array([float(nbytes)]), self._theta(dtype)
         ks = _pipelines(algorithm)
-        times = [evaluate(self.struct(coll, algorithm, k), theta, S, curve=self.curve)[0] for k in ks]
+        times = self._depth_times(coll, algorithm, ks, self._theta(dtype), np.array([float(nbytes)]))[:, 0]
         return ks[int(np.argmin(times))]
 
     # -- choice ----------------------------------------------------------------

@@ -29,6 +29,7 @@ from collectives.ops import Reduction
 from ._ops import BenchOp, Layout, check_input, count_wrong
 
 AUTO = "auto"
+START_TOGETHER = "halving_doubling"  # the all-reduce that lines ranks up before an interleaved call
 AGGREGATES = {0: "rank 0", 1: "mean over ranks", 2: "fastest rank", 3: "slowest rank"}
 
 
@@ -136,11 +137,14 @@ def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, i
     comm.barrier()
     trials = max(1, s.trials)
     total = {a: [0.0] * trials for a in algorithms}
+    token = torch.zeros(1, device=comm.device)
     for k in range(s.iters * trials):
         order = list(algorithms)
         random.Random(k).shuffle(order)  # the same order on every rank
         for a in order:
             run = runs[a][0]
+            comm.all_reduce(token, algorithm=START_TOGETHER)  # off the clock ([Note: interleaved timing])
+            _sync(comm.device)
             t0 = time.perf_counter()
             run()
             _sync(comm.device)
@@ -159,7 +163,14 @@ def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, i
 # the algorithms' calls in turn spreads the drift over all of them. The order is shuffled every
 # iteration (the same shuffle on every rank), because a call also pays for the skew the previous one
 # left between ranks: in a fixed cycle gloo's own all-reduce left the call after it 1.2-2x slower
-# than the same algorithm's own column. Each call is timed on its own
+# than the same algorithm's own column. Shuffling spreads that cost but does not remove it: with
+# gloo's broadcast among the algorithms, the chain broadcast took 570-1410 us at 64 KiB-1 MiB, and
+# 330-930 us without it, while the tree broadcast did not move (205-690 us either way). So before
+# each timed call the ranks line up, off the clock, with a one-element all-reduce of our own
+# (halving-doubling over the shared-memory transport; START_TOGETHER): every rank leaves it after
+# its last exchange, at much the same moment whatever ran before. With it the chain took 380-970
+# us with or without gloo's broadcast (benchmarks/results/cpu-gloo-4rank.md). A barrier through gloo
+# is no such line: the calls after it ran 1.2-1.6x slower. Each call is timed on its own
 # (a host-synchronous call on CPU); on GPUs, where that would add a synchronisation per call, the
 # nccl-tests way (back-to-back calls, one synchronisation) stays the default.
 

@@ -170,7 +170,7 @@ def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, i
 # (halving-doubling over the shared-memory transport; START_TOGETHER): every rank leaves it after
 # its last exchange, at much the same moment whatever ran before. With it the chain took 380-970
 # us with or without gloo's broadcast (benchmarks/results/cpu-gloo-4rank.md). A barrier through gloo
-# is no such line: the calls after it ran 1.2-1.6x slower. Each call is timed on its own
+# is no such line: the calls after it ran 1.3-1.9x slower. Each call is timed on its own
 # (a host-synchronous call on CPU); on GPUs, where that would add a synchronisation per call, the
 # nccl-tests way (back-to-back calls, one synchronisation) stays the default.
 

@@ -228,6 +228,40 @@ def stalled_first_loop(comm, trials: int, interleave: bool) -> float:
         _sweep._bound = real
 
 
+def lined_up_calls(comm) -> list[str]:
+    """The calls one interleaved measurement makes, in order: 'line-up' for the all-reduce that starts
+    ranks together, the algorithm's name for each timed call."""
+    from benchmarks import _sweep
+
+    events: list[str] = []
+    s = Settings((4096,), torch.float32, Reduction.SUM, iters=3, warmup=0, check=False, trials=2)
+    op = AllReduce()
+    lay = op.layout(4096, 4, comm.size)
+    real_bound, real_all_reduce = _sweep._bound, comm.all_reduce
+
+    def all_reduce(t, *a, algorithm="auto", **k):
+        if algorithm == _sweep.START_TOGETHER and t.numel() == 1:
+            events.append("line-up")
+        return real_all_reduce(t, *a, algorithm=algorithm, **k)
+
+    _sweep._bound = lambda c, o, a, *rest: ((lambda: events.append(a)), None, None)
+    comm.all_reduce = all_reduce
+    try:
+        _sweep.measure_interleaved(comm, op, ["ring", "direct"], lay, False, s)
+    finally:
+        _sweep._bound = real_bound
+        del comm.all_reduce
+    return events
+
+
+def test_interleaved_calls_start_together(pool):
+    """[Note: interleaved timing]: every timed call comes right after a line-up all-reduce of our own."""
+    for events in pool.run(2, "tests.test_busbw:lined_up_calls"):
+        assert len(events) == 2 * 3 * 2 * 2  # iters x trials x algorithms, each with its line-up
+        assert events[0::2] == ["line-up"] * 12
+        assert sorted(events[1::2]) == ["direct"] * 6 + ["ring"] * 6
+
+
 @pytest.mark.parametrize("interleave", [False, True])
 def test_trials_report_the_median_loop(pool, interleave):
     """--trials: a stall confined to one loop of -n calls moves the mean of one loop, not the median of three."""

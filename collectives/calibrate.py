@@ -36,6 +36,7 @@ import numpy as np
 from . import algorithms
 from .model import (_WORLD_FIELDS, HOST, SETUP, THETA, CostModel, Params, _theta, binding, default_params,
                     evaluate, native_structs)
+from .execute import LEGACY_CUDA_SEGMENT_BYTES
 from .schedule import Collective
 from .topology import Topology, from_reports, usable_cpus
 
@@ -232,7 +233,7 @@ def _summary(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, 
     ratios: dict[str, float] = {}
     picks: list[float] = []
     for topo, rows in sweeps:
-        model = CostModel(topo, backend, profile=params)
+        model = sweep_model(topo, backend, params, rows)
         tag = f"{topo.world_size}r/" if len(sweeps) > 1 else ""
         ratios.update({f'{tag}{r["op"]}/{r["algorithm"]}/{r["bytes"]}': 1e6 * model.predict(
                        r["op"], r["bytes"], r["algorithm"], pipeline=r.get("pipeline")) / r["time_us"]
@@ -277,7 +278,7 @@ def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
         for _ in range(8):
             X = np.array([features(model, Collective(r["op"]), r["algorithm"], r["bytes"], theta, r.get("pipeline"))
                           for topo, rows in sweeps
-                          for model in (CostModel(topo, backend, profile=_params(params, theta)),)
+                          for model in (sweep_model(topo, backend, _params(params, theta), rows),)
                           for r in rows])
             # On CPU alpha_intra rides with the step overhead (the same column on one node); on a device the
             # host pays a step per step it posts and the device alpha per round ([Note: posted ahead] in
@@ -296,7 +297,7 @@ def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
         per_op = {o: float(c - theta[0]) for o, c in zip(ops, calls)}
         pred = [model.predict(r["op"], r["bytes"], r["algorithm"], pipeline=r.get("pipeline"))
                 for topo, rows in sweeps
-                for model in (CostModel(topo, backend, profile=_params(params, theta, per_op)),)
+                for model in (sweep_model(topo, backend, _params(params, theta, per_op), rows),)
                 for r in rows]
         err = float(np.sqrt(np.mean((np.array(pred) / t - 1) ** 2)))
         if best is None or err < best[0]:
@@ -315,7 +316,7 @@ def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
 def _fit_native_step(rows: list[dict[str, Any]], topo: Topology, backend: str, params: Params,
                      min_bytes: int) -> Params:
     """The backend's own per-step cost, with the link parameters fixed: prices native at other world sizes."""
-    model = CostModel(topo, backend, profile=replace(params, native={}))
+    model = sweep_model(topo, backend, replace(params, native={}), rows)
     theta, num, den = model._native_theta("float32"), 0.0, 0.0
     for r in rows:
         if r["algorithm"] != "native" or r["bytes"] < min_bytes or not _times_call(r):
@@ -341,8 +342,16 @@ def load_rows(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, A
     """(header, rows) of a busbw JSON file: {"header": {...}, "rows": [...]} or a bare list of rows."""
     doc = json.loads(Path(path).read_text())
     header, rows = ({}, doc) if isinstance(doc, list) else (doc.get("header", {}), doc.get("rows", doc.get("results", [])))
+    # The segment size the sweep's transfers were cut at, which prices them ([Note: whole transfers on
+    # CUDA] in execute.py): the header's; NCCL sweeps from before the header said ran with 32 MiB.
+    seg = header.get("segment_bytes") or (LEGACY_CUDA_SEGMENT_BYTES if header.get("backend") == "nccl" else None)
     # "auto" rows time the model's own pick: they measure no algorithm, so they can't calibrate one.
-    return header, [r for r in rows if r.get("algorithm") != "auto"]
+    return header, [{**r, "segment_bytes": seg} if seg else r for r in rows if r.get("algorithm") != "auto"]
+
+
+def sweep_model(topo: Topology, backend: str, params, rows: list[dict[str, Any]]) -> CostModel:
+    """A CostModel of ``params`` pricing transfers cut as the sweep of ``rows`` cut them."""
+    return CostModel(topo, backend, profile=params, segment_bytes=rows[0].get("segment_bytes") if rows else None)
 
 
 def _sweep_topology(header: dict[str, Any], path: str | None) -> Topology:

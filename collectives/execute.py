@@ -30,7 +30,20 @@ from .schedule import Buffer, Collective, Schedule, Send
 from .transport import Transport
 
 DEFAULT_MAX_SEGMENT_BYTES = 4 << 20
-CUDA_MAX_SEGMENT_BYTES = 32 << 20  # NCCL groups are costlier to launch than gloo requests
+CUDA_MAX_SEGMENT_BYTES = 1 << 40  # whole transfers ([Note: whole transfers on CUDA])
+LEGACY_CUDA_SEGMENT_BYTES = 32 << 20  # the CUDA default before 2026-11-27, which older sweeps ran with
+
+# [Note: whole transfers on CUDA]
+# Cutting a reducing transfer into segments lets the reduction of segment k overlap the transfer
+# of the later ones. Through NCCL that costs more than it saves: a point-to-point message moves at
+# a rate that grows with its size (one ring step on 4 x H200: 151 GB/s per 64 MiB message, 358 GB/s
+# per 1 GiB one; [Note: message size] in pricing.py), so 32 MiB segments moved every large transfer
+# at the 32 MiB rate. On 4 x H200 at 1 GiB (benchmarks/results/gpu-h200x4-2026-11-27-costmodel.md),
+# whole transfers against 32 MiB segments: ring all-reduce 5.90 against 8.66 ms, halving-doubling
+# 5.35 against 7.19, ring reduce-scatter 4.15 against 6.94, chain reduce 5.68 against 8.78; at
+# 256 MiB 3-23% faster; at 64 MiB and below no change. 8 MiB segments were slower still. So on CUDA a transfer goes
+# whole, and its reduction follows it. The scratch buffer is the same either way (one per
+# reducing step, as large as the step's receives). $TOPOCOMM_MAX_SEGMENT_BYTES still cuts them.
 
 
 def default_segment_bytes(backend: str) -> int:
@@ -87,8 +100,9 @@ class _Group:
 def segment_sizes(schedule: Schedule, rank: int, seg: int, count: int, cuda: bool) -> list[list[int]]:
     """Per step of ``rank``, per op: the largest segment (elements) its transfer is cut into.
 
-    On CUDA, segments only pay where a reduction can overlap later segments' transfers, so a
-    transfer into an overwriting receive goes whole; both ends decide alike (reducing_transfers).
+    On CUDA only reducing transfers are cut (where a reduction could overlap later segments'
+    transfers; by default none is: [Note: whole transfers on CUDA]), so a transfer into an
+    overwriting receive goes whole; both ends decide alike (reducing_transfers).
     """
     if not cuda:
         return [[seg] * len(step.ops) for step in schedule.steps(rank)]

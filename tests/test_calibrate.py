@@ -3,6 +3,7 @@ and finding profiles, and the NNLS solver the fits use."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -110,3 +111,30 @@ def test_profile_lookup(tmp_path, monkeypatch):
 def test_nnls():
     A = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     assert calibrate.nnls(A, np.array([1.0, -1.0, 0.0])) == pytest.approx([0.5, 0.0])
+
+
+def test_sweeps_are_priced_at_the_segment_size_they_ran_with(tmp_path):
+    """[Note: whole transfers on CUDA]: a busbw header says how transfers were cut; NCCL sweeps from before
+    it did ran with 32 MiB segments, and a large reducing transfer priced that way moves at the 32 MiB
+    message rate of the pair curve."""
+    row = {"op": "all_reduce", "algorithm": "ring", "bytes": 1 << 30, "time_us": 1.0, "in_place": True}
+
+    def rows(header):
+        p = tmp_path / "s.json"
+        p.write_text(json.dumps({"header": header, "rows": [row, {**row, "algorithm": "auto"}]}))
+        return calibrate.load_rows(p)[1]
+
+    legacy = rows({"backend": "nccl"})
+    assert [r["segment_bytes"] for r in legacy] == [32 << 20]  # and the auto row is dropped
+    whole = rows({"backend": "nccl", "segment_bytes": 1 << 40})
+    assert whole[0]["segment_bytes"] == 1 << 40
+    assert "segment_bytes" not in rows({"backend": "gloo"})[0]  # gloo sweeps keep the model's default
+
+    topo = Topology.local(4, cpus=0)
+    curve = [[1 << 20, 8e-5], [1 << 25, 4e-4], [1 << 30, 3e-3]]  # 32 MiB moves at 84 GB/s, 1 GiB at 358
+    params = dataclasses.replace(M.default_params(topo, "nccl"), pair_curve=curve)
+    cut = calibrate.sweep_model(topo, "nccl", params, legacy).predict("all_reduce", 1 << 30, "ring")
+    went_whole = calibrate.sweep_model(topo, "nccl", params, whole).predict("all_reduce", 1 << 30, "ring")
+    assert cut > 1.2 * went_whole
+    small = [calibrate.sweep_model(topo, "nccl", params, r).predict("all_reduce", 1 << 20, "ring") for r in (legacy, whole)]
+    assert small[0] == pytest.approx(small[1])  # 256 KiB chunks: nothing to cut

@@ -200,7 +200,7 @@ def header(comm, s: Settings, command: str, launcher: str) -> dict[str, Any]:
         "load_average": {"start": load_average()},
         "dtype": str(s.dtype).removeprefix("torch."), "redop": s.red.value, "root": s.root, "iters": s.iters,
         "trials": s.trials, "warmup": s.warmup, "check": s.check, "time": AGGREGATES[s.aggregate], "interleave": bool(s.interleave),
-        "segment_bytes": comm._executor.max_segment_bytes,  # what the model prices a sweep's transfers in
+        "segment_bytes": comm.segment_bytes,  # what the model prices a sweep's transfers in
         "factors": {"all_reduce": "2(n-1)/n", "all_gather": "(n-1)/n", "reduce_scatter": "(n-1)/n",
                     "all_to_all": "(n-1)/n", "broadcast": "1", "reduce": "1", "sendrecv": "1"},
     }

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from . import algorithms
+from .execute import LEGACY_CUDA_SEGMENT_BYTES
 from .model import (_WORLD_FIELDS, HOST, SETUP, THETA, CostModel, Params, _theta, binding, default_params,
                     evaluate, native_structs)
-from .execute import LEGACY_CUDA_SEGMENT_BYTES
 from .schedule import Collective
 from .topology import Topology, from_reports, usable_cpus
 
@@ -349,7 +349,7 @@ def load_rows(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, A
     return header, [{**r, "segment_bytes": seg} if seg else r for r in rows if r.get("algorithm") != "auto"]
 
 
-def sweep_model(topo: Topology, backend: str, params, rows: list[dict[str, Any]]) -> CostModel:
+def sweep_model(topo: Topology, backend: str, params: Params | str | None, rows: list[dict[str, Any]]) -> CostModel:
     """A CostModel of ``params`` pricing transfers cut as the sweep of ``rows`` cut them."""
     return CostModel(topo, backend, profile=params, segment_bytes=rows[0].get("segment_bytes") if rows else None)
 

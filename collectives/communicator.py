@@ -151,6 +151,11 @@ class Communicator:
         known after the first of them (False before)."""
         return self._executor.nvlink is not None
 
+    @property
+    def segment_bytes(self) -> int:
+        """The most bytes one message of our schedules carries: larger transfers are cut into segments."""
+        return self._executor.max_segment_bytes
+
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, size={self.size}, backend={self.backend!r})"
 

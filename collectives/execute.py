@@ -41,9 +41,10 @@ LEGACY_CUDA_SEGMENT_BYTES = 32 << 20  # the CUDA default before 2026-11-27, whic
 # at the 32 MiB rate. On 4 x H200 at 1 GiB (benchmarks/results/gpu-h200x4-2026-11-27-costmodel.md),
 # whole transfers against 32 MiB segments: ring all-reduce 5.90 against 8.66 ms, halving-doubling
 # 5.35 against 7.19, ring reduce-scatter 4.15 against 6.94, chain reduce 5.68 against 8.78; at
-# 256 MiB 3-23% faster; at 64 MiB and below no change. 8 MiB segments were slower still. So on CUDA a transfer goes
-# whole, and its reduction follows it. The scratch buffer is the same either way (one per
-# reducing step, as large as the step's receives). $TOPOCOMM_MAX_SEGMENT_BYTES still cuts them.
+# 256 MiB 3-23% faster; at 64 MiB and below no change. 8 MiB segments were slower still. So on
+# CUDA a transfer goes whole, and its reduction follows it. The scratch buffer is the same either
+# way (one per reducing step, as large as the step's receives). $TOPOCOMM_MAX_SEGMENT_BYTES still
+# cuts them (on CPU, 4 MiB by default: there whole transfers made no difference beyond noise).
 
 
 def default_segment_bytes(backend: str) -> int:

@@ -10,10 +10,10 @@ slowest rank's median (of ``--trials`` loops back to back, of single calls one a
 - back to back: ``iters`` calls, then one synchronisation (busbw's time);
 - one at a time: each call after a device synchronisation and a barrier, timed to its own end.
 """
-import argparse, json, statistics, time
+import argparse, json, statistics
 import torch
 import collectives as C
-from benchmarks._timing import slowest, sync, timed
+from benchmarks._timing import slowest, timed
 
 p = argparse.ArgumentParser()
 p.add_argument("--json", default=None)
@@ -38,14 +38,7 @@ for nbytes in [int(s) for s in a.sizes.split(",")]:
                 for _ in range(3):
                     call()
                 b2b = [timed(comm, call, a.iters) for _ in range(a.trials)]
-                one = []
-                for _ in range(a.trials * a.iters):
-                    sync(comm)
-                    t0 = time.perf_counter()
-                    call()
-                    if comm.device.type == "cuda":
-                        torch.cuda.synchronize(comm.device)
-                    one.append(time.perf_counter() - t0)
+                one = [timed(comm, call, 1) for _ in range(a.trials * a.iters)]  # each after a sync and a barrier
                 b2b, one = slowest(comm, [statistics.median(b2b), statistics.median(one)])
                 rows.append({"op": op, "algorithm": algo, "pipeline": depth, "bytes": nbytes,
                              "back_to_back_us": round(b2b * 1e6, 1), "one_at_a_time_us": round(one * 1e6, 1),

@@ -135,10 +135,15 @@ def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, 
 # in-place call (benchmarks/_ops.py): 1.18-1.37x the in-place time at 16 MiB on 2 cores. Pipelined ones run
 # at the measuring model's depth, unrecorded unless a row has ``pipeline``: the 2-core fit sweep ran tree
 # in 8 parts at 16 MiB (the refit picks 2), and fitted, those rows hid direct's edge at 16 MiB.
+def _copied(row: dict[str, Any]) -> bool:
+    """Whether ``row`` also timed a copy: busbw's out-of-place all-reduce, broadcast and reduce copy the input
+    into the output and run in place there."""
+    return not row.get("in_place", True) and row["op"] in ("all_reduce", "broadcast", "reduce")
+
+
 def _times_call(row: dict[str, Any]) -> bool:
     """Whether ``row`` timed one call of its algorithm at a schedule the fit knows ([Note: measured rows])."""
-    copied = not row.get("in_place", True) and row["op"] in ("all_reduce", "broadcast", "reduce")
-    return not copied and ("pipeline" in row or not algorithms.pipelined(row["algorithm"], Collective(row["op"])))
+    return not _copied(row) and ("pipeline" in row or not algorithms.pipelined(row["algorithm"], Collective(row["op"])))
 
 
 def fit(rows: list[dict[str, Any]], topo: Topology, backend: str, base: Params | None = None,
@@ -395,7 +400,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="message curve of one world size (python -m benchmarks.p2p_curve --json); repeatable")
     f.add_argument("--per-world", action="store_true",
                    help="fit each world size's sweeps on their own (one profile; see [Note: per-world profiles])")
+    c = sub.add_parser("check", help="score a profile on busbw sweeps it was not fitted on, and the sweeps on "
+                                     "one another")
+    c.add_argument("profile", help="profile JSON (python -m collectives.calibrate fit --save)")
+    c.add_argument("rows", nargs="+", help="busbw JSON files of one machine kind")
+    c.add_argument("--topology", default=None, help="as for fit")
+    c.add_argument("--min-bytes", type=int, default=_MIN_BYTES, help=f"score rows of at least this many bytes "
+                   f"(default {_MIN_BYTES})")
+    c.add_argument("-v", "--verbose", action="store_true", help="list every row and pick that missed")
     a = ap.parse_args(argv)
+    if a.cmd == "check":
+        _check(a)
+        return
     if a.cmd == "measure":
         from .calibrate_measure import measure_launched, measure_local
 
@@ -431,6 +447,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{key:45s} predicted/measured {r:6.2f}")
     print(f"within 25%: {100 * summary['within_25pct']:.0f}% of {summary['rows']} rows; pick within 5% of the "
           f"measured best in {100 * summary['pick_within_5pct']:.0f}% of (op, size) cells -> {a.save}")
+
+
+def _check(a) -> None:
+    from . import calibrate_check
+
+    params = load_profile(a.profile)
+    loaded = [load_rows(path) for path in a.rows]
+    scores = [calibrate_check.score(sweep_model(_sweep_topology(header, a.topology), header.get("backend", "gloo"),
+                                                params, rows), rows, a.min_bytes) for header, rows in loaded]
+    agreed = calibrate_check.agreement([rows for _, rows in loaded], a.min_bytes) if len(loaded) > 1 else None
+    print(calibrate_check.report([Path(p).name for p in a.rows], scores, agreed, a.verbose))
 
 
 if __name__ == "__main__":

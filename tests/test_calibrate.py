@@ -1,5 +1,5 @@
 """Calibration: fits recovering known parameters (one world size, several, each on its own), saving
-and finding profiles, and the NNLS solver the fits use."""
+and finding profiles, the NNLS solver the fits use, and checking a profile against sweeps."""
 
 from __future__ import annotations
 
@@ -138,3 +138,71 @@ def test_sweeps_are_priced_at_the_segment_size_they_ran_with(tmp_path):
     assert cut > 1.2 * went_whole
     small = [calibrate.sweep_model(topo, "nccl", params, r).predict("all_reduce", 1 << 20, "ring") for r in (legacy, whole)]
     assert small[0] == pytest.approx(small[1])  # 256 KiB chunks: nothing to cut
+
+
+def _sweep(model, scale=None, sizes=(1 << 12, 1 << 18, 1 << 22)):
+    """busbw-shaped rows timed at ``model``'s predictions, times scaled by ``scale[(op, algorithm, bytes)]``."""
+    rows = []
+    for op, algos in (("all_reduce", ("ring", "halving_doubling", "native")), ("all_gather", ("ring", "direct"))):
+        for a in algos:
+            for s in sizes:
+                t = model.predict(op, s, a) * 1e6 * (scale or {}).get((op, a, s), 1.0)
+                copy = 3.0 if op == "all_reduce" else 1.0  # busbw's out-of-place all-reduce times a copy too
+                rows += [{"op": op, "algorithm": a, "bytes": s, "in_place": ip, "time_us": t * (1.0 if ip else copy)}
+                         for ip in (False, True)]
+    return rows
+
+
+def test_check_scores_rows_and_picks_against_the_measurements():
+    from collectives import calibrate_check as CC
+
+    model = M.CostModel(Topology.local(4, cpus=0), "gloo")
+    exact = CC.score(model, _sweep(model), min_bytes=1 << 16)
+    # 2 sizes x (3 all-reduce algorithms in place; 2 all-gather algorithms x 2 modes): the 4 KiB rows and
+    # the out-of-place all-reduce rows (they time a copy too, here 3x slower) don't count
+    assert (exact["rows"], exact["rows_within"], exact["cells"], exact["picks_within"]) == (14, 1.0, 4, 1.0)
+    pick = model.plan("all_gather", 1 << 22, candidates=("ring", "direct")).algorithm
+    other = ({"ring", "direct"} - {pick}).pop()
+    t_pick, t_other = (model.predict("all_gather", 1 << 22, a) for a in (pick, other))
+    # the pick, measured at twice the other's time: its two rows are off by t_pick / (2 t_other) <= 0.5
+    off = CC.score(model, _sweep(model, {("all_gather", pick, 1 << 22): 2 * t_other / t_pick}), min_bytes=1 << 16)
+    assert set(off["row_misses"]) == {("all_gather", pick, 1 << 22, ip) for ip in (False, True)}
+    assert off["rows_within"] == pytest.approx(12 / 14)
+    assert off["picks_within"] == 0.75
+    assert off["pick_misses"] == [("all_gather", 1 << 22, pick, pytest.approx(2.0))]
+
+
+def test_check_agreement_uses_the_other_sweeps_mean():
+    from collectives import calibrate_check as CC
+
+    model = M.CostModel(Topology.local(4, cpus=0), "gloo")
+    nbytes = 1 << 18
+    fast, second = sorted(("ring", "halving_doubling", "native"), key=lambda a: model.predict("all_reduce", nbytes, a))[:2]
+    f, s = (model.predict("all_reduce", nbytes, a) for a in (fast, second))
+    assert s > 1.05 * f, "the case needs a clear fastest all-reduce at 256 KiB"
+    # the third sweep's fastest runs at 2x the second: the others' mean puts it at f/2 + s, behind the
+    # second, so the first two sweeps' pick is the second (a miss: it ran s > 1.05 f there) and the third's
+    # pick is the fastest of the first two (a miss: 2s there); each sweep's row of it is off by (1 + 2s/f)/2
+    # or 2s/f from the others' mean, both over 25%
+    base = _sweep(model)
+    out = CC.agreement([base, base, _sweep(model, {("all_reduce", fast, nbytes): 2 * s / f})], min_bytes=1 << 16)
+    assert [(o["rows"], o["cells"]) for o in out] == [(14, 4)] * 3
+    assert [o["rows_within"] for o in out] == pytest.approx([13 / 14] * 3)
+    assert [o["picks_within"] for o in out] == [0.75] * 3
+
+
+def test_check_command_prints_each_sweep(tmp_path, capsys):
+    topo = Topology.local(4, cpus=0)
+    params = M.default_params(topo, "gloo")
+    profile = tmp_path / "p.json"
+    calibrate.save_profile(profile, params, calibrate.hardware_key(topo, "gloo"), {})
+    model = M.CostModel(topo, "gloo", profile=params)
+    paths = []
+    for i, scale in enumerate((None, {("all_gather", "ring", 1 << 22): 1.5})):
+        paths.append(tmp_path / f"s{i}.json")
+        paths[-1].write_text(json.dumps({"header": {"backend": "gloo", "world_size": 4, "machine": "x (0 CPUs)"},
+                                         "rows": _sweep(model, scale)}))
+    calibrate.main(["check", str(profile), *map(str, paths), "-v"])
+    out = capsys.readouterr().out
+    assert "s0.json" in out and "s1.json" in out
+    assert "row  all_gather ring 4194304 in-place: predicted/measured 0.67" in out

@@ -392,12 +392,15 @@ def test_streamed_plan_ranks_by_the_size_dependent_part():
     assert cpu.streamed_plan("all_reduce", 1 << 20) == cpu.plan("all_reduce", 1 << 20)
 
 
-def test_measured_native_follows_its_points_and_the_line_outside():
-    # two protocols: flat 20 us up to 1 MiB, then 5 us + 1 ns/byte; one line cannot follow both
+def test_measured_native_follows_its_points_and_the_lines_slope_outside():
+    # two protocols: flat 20 us up to 1 MiB, then 5 us + 1 ns/byte; one line cannot follow both. Beyond the
+    # points the line's slope continues from the nearest one: no jump where the points end
     pts = [[1 << 16, 20e-6], [1 << 20, 20e-6], [1 << 24, 5e-6 + 1e-9 * (1 << 24)]]
     fit = [10e-6, 1e-9, pts]
     S = np.array([1 << 10, 1 << 16, 1 << 18, 1 << 20, 1 << 24, 1 << 28], dtype=float)
     t = M._measured(fit, S)
     assert t[1] == pytest.approx(20e-6) and t[2] == pytest.approx(20e-6) and t[4] == pytest.approx(pts[2][1])
-    assert t[0] == pytest.approx(10e-6 + 1e-9 * S[0]) and t[5] == pytest.approx(10e-6 + 1e-9 * S[5])
+    assert t[0] == pytest.approx(20e-6 - 1e-9 * (S[1] - S[0])) and t[5] == pytest.approx(pts[2][1] + 1e-9 * (S[5] - S[4]))
+    edge = M._measured(fit, np.array([(1 << 24) * (1 - 1e-9), (1 << 24) * (1 + 1e-9)]))
+    assert edge[0] == pytest.approx(edge[1], rel=1e-6)
     assert np.all(M._measured(fit[:2], S) == 10e-6 + 1e-9 * S)  # a line alone (older profiles)

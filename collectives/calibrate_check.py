@@ -1,0 +1,119 @@
+"""``python -m collectives.calibrate check PROFILE SWEEP...``: how well a profile predicts busbw sweeps
+it was not fitted on, and how well the sweeps predict one another.
+
+Per sweep it reports the two figures a profile is judged by:
+
+- rows: the share of rows of at least ``--min-bytes`` whose predicted time is within 25% of the
+  measured one. Only rows that time one call of their algorithm count: busbw's out-of-place
+  all-reduce, broadcast and reduce also time a copy of the input into the output, which no
+  prediction of the collective includes (``calibrate._times_call``);
+- picks: the share of (op, size) cells where the algorithm the model picks among the measured ones
+  ran within 5% of the fastest of them (``calibrate.pick_results``).
+
+[Note: sweep agreement] A measured time is itself a sample: the same cell measured in another
+launch, or another minute, differs by more than any model error on a time-shared CPU, and on GPUs
+NCCL's own small calls differ up to 2x between launches. With two or more sweeps the command also
+scores each sweep against the others, the mean of the other sweeps standing in for the model: their
+mean row as the prediction of each row, their fastest algorithm by mean time as the pick of each
+cell. That is the best any prediction made before the sweep ran could do on average, and a profile
+scoring near it has no error left that the measurements can show.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from .model import CostModel
+from .schedule import Collective
+
+ROW_TOLERANCE = 0.25   # a row is right when predicted / measured is within 1 +- this
+PICK_TOLERANCE = 0.05  # a pick is right when it ran within 1 + this of the measured best
+
+Key = tuple[str, str, int, bool]  # (op, algorithm, bytes, in place)
+
+
+def one_call_rows(rows: list[dict[str, Any]], min_bytes: int) -> dict[Key, dict[str, Any]]:
+    """The rows that time one call of their algorithm, at least ``min_bytes``, by (op, algorithm, bytes, in place)."""
+    from .calibrate import _copied
+
+    return {(r["op"], r["algorithm"], int(r["bytes"]), bool(r.get("in_place", True))): r
+            for r in rows if r["bytes"] >= min_bytes and not _copied(r)}
+
+
+def _cells(times: dict[Key, float]) -> dict[tuple[str, int], dict[str, float]]:
+    """(op, bytes) -> algorithm -> time; the in-place row where a cell has both (what a user calls)."""
+    cells: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+    for (op, algo, nbytes, in_place), t in sorted(times.items(), key=lambda kv: kv[0][3]):
+        cells[(op, nbytes)][algo] = t
+    return cells
+
+
+def _within(predicted: float, measured: float) -> bool:
+    return abs(predicted / measured - 1) <= ROW_TOLERANCE
+
+
+def score(model: CostModel, rows: list[dict[str, Any]], min_bytes: int) -> dict[str, Any]:
+    """The model's rows and picks on one sweep, and the rows and cells it got wrong."""
+    calls = one_call_rows(rows, min_bytes)
+    ratios = {k: model.predict(k[0], k[2], k[1], pipeline=r.get("pipeline")) * 1e6 / r["time_us"]
+              for k, r in calls.items()}
+    picks, missed = [], []
+    for (op, nbytes), times in _cells({k: r["time_us"] for k, r in calls.items()}).items():
+        pick = model.plan(Collective(op), nbytes, candidates=tuple(times)).algorithm
+        best = min(times.values())
+        picks.append(times[pick] <= (1 + PICK_TOLERANCE) * best)
+        if not picks[-1]:
+            missed.append((op, nbytes, pick, times[pick] / best))
+    return {"rows": len(ratios), "rows_within": _share([abs(q - 1) <= ROW_TOLERANCE for q in ratios.values()]),
+            "cells": len(picks), "picks_within": _share(picks),
+            "row_misses": {k: q for k, q in ratios.items() if abs(q - 1) > ROW_TOLERANCE}, "pick_misses": missed}
+
+
+def agreement(sweeps: list[list[dict[str, Any]]], min_bytes: int) -> list[dict[str, float]]:
+    """Per sweep, the other sweeps' mean as its prediction ([Note: sweep agreement]): rows and picks."""
+    times = [{k: r["time_us"] for k, r in one_call_rows(rows, min_bytes).items()} for rows in sweeps]
+    out = []
+    for j, mine in enumerate(times):
+        others = [t for i, t in enumerate(times) if i != j]
+        rows = [_within(float(np.mean([t[k] for t in others if k in t])), v)
+                for k, v in mine.items() if any(k in t for t in others)]
+        their_cells = [_cells(t) for t in others]
+        picks = []
+        for cell, measured in _cells(mine).items():
+            seen = [c[cell] for c in their_cells if cell in c]
+            shared = [a for a in measured if seen and all(a in c for c in seen)]
+            if shared:
+                pick = min(shared, key=lambda a: np.mean([c[a] for c in seen]))
+                picks.append(measured[pick] <= (1 + PICK_TOLERANCE) * min(measured.values()))
+        out.append({"rows": len(rows), "rows_within": _share(rows), "cells": len(picks), "picks_within": _share(picks)})
+    return out
+
+
+def _share(flags: list[bool]) -> float:
+    return float(np.mean(flags)) if flags else float("nan")
+
+
+def report(names: list[str], scores: list[dict[str, Any]], agreed: list[dict[str, float]] | None,
+           verbose: bool = False) -> str:
+    """The check's table (and, verbose, each sweep's misses)."""
+    width = max(len(n) for n in names + ["sweep"])
+    head = f"{'sweep':{width}s}  {'rows':>6s} {'picks':>6s}  {'of rows':>7s} {'cells':>5s}"
+    if agreed:
+        head += f"  | {'rows':>6s} {'picks':>6s}"
+    lines = ["rows: predicted within 25% of measured; picks: the pick ran within 5% of the best measured", head]
+    for i, (name, s) in enumerate(zip(names, scores)):
+        line = f"{name:{width}s}  {s['rows_within']:6.0%} {s['picks_within']:6.0%}  {s['rows']:7d} {s['cells']:5d}"
+        if agreed:
+            line += f"  | {agreed[i]['rows_within']:6.0%} {agreed[i]['picks_within']:6.0%}"
+        lines.append(line)
+        if verbose:
+            lines += [f"    row  {op} {algo} {nbytes} {'in-place' if ip else 'out-of-place'}: predicted/measured {q:.2f}"
+                      for (op, algo, nbytes, ip), q in sorted(s["row_misses"].items())]
+            lines += [f"    pick {op} {nbytes}: {pick} ran {slow:.2f}x the best" for op, nbytes, pick, slow in s["pick_misses"]]
+    if agreed:
+        lines.append("left of |: the profile; right of |: the mean of the other sweeps as the prediction "
+                     "([Note: sweep agreement])")
+    return "\n".join(lines)

@@ -75,7 +75,8 @@ class _Layout:
         if work is None:
             return m
         fair = np.bincount(self.host, work, minlength=hosts)[self.host] / self.cpus  # [Note: shared cores]
-        return np.clip(np.divide(fair, work, out=m.copy(), where=work > 0), 1.0, m)
+        share = np.clip(np.divide(fair, work, out=m.copy(), where=work > 0), 1.0, m)
+        return np.sqrt(share * m)
 
 
 Struct = tuple[tuple[int, np.ndarray], ...]  # ((count, lines (k, 5): tier, f, r, m, q), ...)
@@ -157,10 +158,18 @@ def messages(lay: _Layout, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 # [Note: shared cores]
 # Ranks sharing a host's cores finish a round no sooner than the host's work over its cores, nor a rank
 # sooner than its own work alone (McNaughton's bound). Work is memory traffic: 2 per byte copied into or out
-# of a slot, 3 per byte reduced; a rank's stretch is host work / (cores * own work) within [1, busy / cores],
-# a transfer's that of its busier end. Balanced rounds (ring, halving-doubling, direct) keep busy / cores; in
-# tree all-reduce on 4 ranks, 2 cores the parents get 7/6 (14 / (2 * 6)), not 2. Tree / direct at 1, 4, 16 MiB
-# on the 2-core fit sweep (at the depths it ran, 2, 4, 8): 1.06, 1.24, 1.19; priced 1.08, 1.25, 1.19 (2: 1.26-1.52).
+# of a slot, 3 per byte reduced. That bound, the fair share, is host work / (cores * own work) within
+# [1, busy / cores]: in tree all-reduce on 4 ranks, 2 cores the parents get 7/6 (14 / (2 * 6)), the leaves
+# 2. It assumes every rank runs whenever it has work. It does not: a transfer moves through slots of a
+# shared-memory channel, and a rank whose peer is descheduled waits for it, so the busy / cores of plain
+# time-slicing binds too. A rank's stretch is the geometric mean of the two (parents sqrt(7/6 * 2) = 1.53),
+# a transfer's that of its busier end; balanced rounds (ring, halving-doubling, direct) keep busy / cores.
+# Refitted on the three fit sweeps of the 2-core machine, the fit's error was lowest between the two
+# (rms of log predicted / measured 0.1606 at the mean, 0.1622 with the fair share alone, 0.1649 with
+# busy / cores alone). On three held-out sweeps the picks lost 1.3 ms of the 297 ms the fastest
+# algorithms took, against 7.8 ms with the fair share, which priced the pipelined tree all-reduce
+# 1-3% below direct at 4-16 MiB where it ran 5-13% slower, and the pipelined chain broadcast of
+# 16 MiB equal to the tree where it ran 7-11% slower (benchmarks/results/cpu-gloo-4rank.md).
 def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.ndarray,
                 red_rank: np.ndarray | None = None, red_frac: float | np.ndarray = 0.0) -> np.ndarray:
     """The lines of one round: transfers src->dst moving ``frac`` of the buffer; ranks reducing."""

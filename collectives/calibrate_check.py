@@ -6,7 +6,7 @@ Per sweep it reports the two figures a profile is judged by:
 - rows: the share of rows of at least ``--min-bytes`` whose predicted time is within 25% of the
   measured one. Only rows that time one call of their algorithm count: busbw's out-of-place
   all-reduce, broadcast and reduce also time a copy of the input into the output, which no
-  prediction of the collective includes (``calibrate._times_call``);
+  prediction of the collective includes (``calibrate._copied``);
 - picks: the share of (op, size) cells where the algorithm the model picks among the measured ones
   ran within 5% of the fastest of them (``calibrate.pick_results``).
 
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .calibrate import _copied
 from .model import CostModel
 from .schedule import Collective
 
@@ -37,8 +38,6 @@ Key = tuple[str, str, int, bool]  # (op, algorithm, bytes, in place)
 
 def one_call_rows(rows: list[dict[str, Any]], min_bytes: int) -> dict[Key, dict[str, Any]]:
     """The rows that time one call of their algorithm, at least ``min_bytes``, by (op, algorithm, bytes, in place)."""
-    from .calibrate import _copied
-
     return {(r["op"], r["algorithm"], int(r["bytes"]), bool(r.get("in_place", True))): r
             for r in rows if r["bytes"] >= min_bytes and not _copied(r)}
 

@@ -265,11 +265,13 @@ def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
     slower than its port never binds, so also start with slower pairs); keeps the best relative fit."""
     t = np.array([r["time_us"] * 1e-6 for _, rows in sweeps for r in rows])
     best: tuple[float, np.ndarray, dict[str, float]] | None = None
-    # [Note: messages] prices a host's work per message; on NCCL a step's messages go out as one grouped
-    # launch. Fitted there, msg took the whole per-step cost (step 0, msg 3.8 us on 4 x H200) and priced
+    # [Note: messages] prices a host's work per message. On NCCL a step's messages go out as one grouped
+    # launch, but each peer in the group is one more p2p operation to set up. Fitted before the message
+    # curve, msg took the whole per-step cost (step 0, msg 3.8 us on 4 x H200) and priced
     # halving-doubling's two 2-message rounds below direct's one 6-message round, the reverse of every
-    # sweep (64 KiB-1 MiB all-gather: direct 28-34 us, halving-doubling 35-38): auto's pick was within
-    # 5% of the best in 83-90% of the cells of two held-out sweeps, 92-96% without the term.
+    # sweep; it was held at 0. Now it fits at 1.7 us beside a step of 8 us: direct all-gather at 64 KiB-1
+    # MiB went from 0.61-0.72x of the median of eight held-out 4-GPU launches to 0.70-0.81x, 98% of
+    # rows within 25% of those medians (96% with msg 0), and the picks did not change.
     hosted = backend != "nccl"
     # [Note: per-op calls]: one call column per collective (their least is call_overhead, the rest op_overhead)
     ops = sorted({r["op"] for _, rows in sweeps for r in rows})
@@ -277,8 +279,6 @@ def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
     for slower in (1.0, 2.0, 4.0):
         theta = _theta(params)
         theta[7] = max(theta[7], slower * theta[4])
-        if not hosted:
-            theta[9] = 0.0
         calls = np.full(len(ops), theta[0])
         for _ in range(8):
             X = np.array([features(model, Collective(r["op"]), r["algorithm"], r["bytes"], theta, r.get("pipeline"))
@@ -288,7 +288,7 @@ def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
             # On CPU alpha_intra rides with the step overhead (the same column on one node); on a device the
             # host pays a step per step it posts and the device alpha per round ([Note: posted ahead] in
             # rounds.py), which rooted schedules tell apart. Fit what the rows exercise.
-            cols = (1, 3, 4, 5, 6, 7, 8, 9) if hosted else (1, 2, 3, 4, 5, 6, 7, 8)
+            cols = (1, 3, 4, 5, 6, 7, 8, 9) if hosted else (1, 2, 3, 4, 5, 6, 7, 8, 9)
             free = [j for j in cols if np.any(X[:, j] > 0)]
             fixed = [j for j in range(1, len(THETA)) if j not in free]
             sol = nnls(np.hstack([onehot, X[:, free]]) / t[:, None], (t - X[:, fixed] @ theta[fixed]) / t)

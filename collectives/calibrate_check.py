@@ -109,9 +109,10 @@ def report(names: list[str], scores: list[dict[str, Any]], agreed: list[dict[str
             line += f"  | {agreed[i]['rows_within']:6.0%} {agreed[i]['picks_within']:6.0%}"
         lines.append(line)
         if verbose:
-            lines += [f"    row  {op} {algo} {nbytes} {'in-place' if ip else 'out-of-place'}: predicted/measured {q:.2f}"
-                      for (op, algo, nbytes, ip), q in sorted(s["row_misses"].items())]
-            lines += [f"    pick {op} {nbytes}: {pick} ran {slow:.2f}x the best" for op, nbytes, pick, slow in s["pick_misses"]]
+            lines += [f"    row  {op} {algo} {nbytes} {'in-place' if ip else 'out-of-place'}: "
+                      f"predicted/measured {q:.2f}" for (op, algo, nbytes, ip), q in sorted(s["row_misses"].items())]
+            lines += [f"    pick {op} {nbytes}: {pick} ran {slow:.2f}x the best"
+                      for op, nbytes, pick, slow in s["pick_misses"]]
     if agreed:
         lines.append("left of |: the profile; right of |: the mean of the other sweeps as the prediction "
                      "([Note: sweep agreement])")

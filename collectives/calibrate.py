@@ -343,10 +343,18 @@ def _params(p: Params, theta: np.ndarray, op_overhead: dict[str, float] | None =
                    oversubscribed_step=t[8], message_overhead=t[9])
 
 
+_ROW_FIELDS = ("op", "algorithm", "bytes", "time_us")
+
+
 def load_rows(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(header, rows) of a busbw JSON file: {"header": {...}, "rows": [...]} or a bare list of rows."""
     doc = json.loads(Path(path).read_text())
     header, rows = ({}, doc) if isinstance(doc, list) else (doc.get("header", {}), doc.get("rows", doc.get("results", [])))
+    for i, r in enumerate(rows):
+        missing = [k for k in _ROW_FIELDS if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise ValueError(f"{path}: row {i} has no {', '.join(missing)}: not a busbw sweep "
+                             f"(python -m benchmarks.busbw --json)")
     # The segment size the sweep's transfers were cut at, which prices them ([Note: whole transfers on
     # CUDA] in execute.py): the header's; NCCL sweeps from before the header said ran with 32 MiB.
     seg = header.get("segment_bytes") or (LEGACY_CUDA_SEGMENT_BYTES if header.get("backend") == "nccl" else None)
@@ -410,7 +418,10 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("-v", "--verbose", action="store_true", help="list every row and pick that missed")
     a = ap.parse_args(argv)
     if a.cmd == "check":
-        _check(a)
+        try:
+            _check(a)
+        except (OSError, ValueError, KeyError) as e:  # unreadable profile or sweep: say which, no traceback
+            ap.error(f"check: {e}")
         return
     if a.cmd == "measure":
         from .calibrate_measure import measure_launched, measure_local
@@ -426,7 +437,10 @@ def main(argv: list[str] | None = None) -> None:
         Path(a.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
         print(f"{len(rows)} rows -> {a.json}")
         return
-    loaded = [load_rows(path) for path in a.rows]
+    try:
+        loaded = [load_rows(path) for path in a.rows]
+    except (OSError, ValueError) as e:
+        ap.error(f"fit: {e}")
     backend = a.backend or loaded[0][0].get("backend", "gloo")
     sweeps = [(_sweep_topology(header, a.topology), rows) for header, rows in loaded]
     curves = dict(load_curve(path) for path in a.pair_curve)
@@ -452,7 +466,12 @@ def main(argv: list[str] | None = None) -> None:
 def _check(a) -> None:
     from . import calibrate_check
 
-    params = load_profile(a.profile)
+    try:
+        params = load_profile(a.profile)
+    except KeyError as e:
+        raise ValueError(f"profile {a.profile}: no {e} field, not a profile (calibrate fit --save writes one)") from e
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"profile {a.profile}: {e}") from e
     loaded = [load_rows(path) for path in a.rows]
     scores = [calibrate_check.score(sweep_model(_sweep_topology(header, a.topology), header.get("backend", "gloo"),
                                                 params, rows), rows, a.min_bytes) for header, rows in loaded]

@@ -95,6 +95,10 @@ def _share(flags: list[bool]) -> float:
     return float(np.mean(flags)) if flags else float("nan")
 
 
+def _pct(share: float) -> str:
+    return f"{'-':>6s}" if np.isnan(share) else f"{share:6.0%}"
+
+
 def report(names: list[str], scores: list[dict[str, Any]], agreed: list[dict[str, float]] | None,
            verbose: bool = False) -> str:
     """The check's table (and, verbose, each sweep's misses)."""
@@ -104,9 +108,9 @@ def report(names: list[str], scores: list[dict[str, Any]], agreed: list[dict[str
         head += f"  | {'rows':>6s} {'picks':>6s}"
     lines = ["rows: predicted within 25% of measured; picks: the pick ran within 5% of the best measured", head]
     for i, (name, s) in enumerate(zip(names, scores)):
-        line = f"{name:{width}s}  {s['rows_within']:6.0%} {s['picks_within']:6.0%}  {s['rows']:7d} {s['cells']:5d}"
+        line = f"{name:{width}s}  {_pct(s['rows_within'])} {_pct(s['picks_within'])}  {s['rows']:7d} {s['cells']:5d}"
         if agreed:
-            line += f"  | {agreed[i]['rows_within']:6.0%} {agreed[i]['picks_within']:6.0%}"
+            line += f"  | {_pct(agreed[i]['rows_within'])} {_pct(agreed[i]['picks_within'])}"
         lines.append(line)
         if verbose:
             lines += [f"    row  {op} {algo} {nbytes} {'in-place' if ip else 'out-of-place'}: "

@@ -177,7 +177,8 @@ def test_check_agreement_uses_the_other_sweeps_mean():
 
     model = M.CostModel(Topology.local(4, cpus=0), "gloo")
     nbytes = 1 << 18
-    fast, second = sorted(("ring", "halving_doubling", "native"), key=lambda a: model.predict("all_reduce", nbytes, a))[:2]
+    by_time = sorted(("ring", "halving_doubling", "native"), key=lambda a: model.predict("all_reduce", nbytes, a))
+    fast, second = by_time[:2]
     f, s = (model.predict("all_reduce", nbytes, a) for a in (fast, second))
     assert s > 1.05 * f, "the case needs a clear fastest all-reduce at 256 KiB"
     # the third sweep's fastest runs at 2x the second: the others' mean puts it at f/2 + s, behind the
@@ -206,3 +207,14 @@ def test_check_command_prints_each_sweep(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "s0.json" in out and "s1.json" in out
     assert "row  all_gather ring 4194304 in-place: predicted/measured 0.67" in out
+
+    # bad input: the file that is wrong, said before anything is scored
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"op": "all_reduce", "bytes": 1024}]))
+    for args, words in (([str(profile), str(bad)], ["bad.json", "row 0 has no algorithm, time_us"]),
+                        ([str(paths[0]), str(paths[1])], ["s0.json", "not a profile"]),
+                        ([str(profile), str(tmp_path / "missing.json")], ["missing.json"])):
+        with pytest.raises(SystemExit):
+            calibrate.main(["check", *args])
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), err

@@ -136,8 +136,8 @@ def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, 
 # at the measuring model's depth, unrecorded unless a row has ``pipeline``: the 2-core fit sweep ran tree
 # in 8 parts at 16 MiB (the refit picks 2), and fitted, those rows hid direct's edge at 16 MiB.
 def _copied(row: dict[str, Any]) -> bool:
-    """Whether ``row`` also timed a copy: busbw's out-of-place all-reduce, broadcast and reduce copy the input
-    into the output and run in place there."""
+    """Whether ``row`` also timed a copy ([Note: measured rows]): busbw's out-of-place all-reduce, broadcast and
+    reduce copy the input into the output and run in place there."""
     return not row.get("in_place", True) and row["op"] in ("all_reduce", "broadcast", "reduce")
 
 

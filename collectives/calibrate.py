@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from . import algorithms
+from . import algorithms, calibrate_check
+from .calibrate_check import PICK_TOLERANCE, copied
 from .execute import LEGACY_CUDA_SEGMENT_BYTES
 from .model import (_WORLD_FIELDS, HOST, SETUP, THETA, CostModel, Params, _theta, binding, default_params,
                     evaluate, native_structs)
@@ -135,15 +136,9 @@ def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, 
 # in-place call (benchmarks/_ops.py): 1.18-1.37x the in-place time at 16 MiB on 2 cores. Pipelined ones run
 # at the measuring model's depth, unrecorded unless a row has ``pipeline``: the 2-core fit sweep ran tree
 # in 8 parts at 16 MiB (the refit picks 2), and fitted, those rows hid direct's edge at 16 MiB.
-def _copied(row: dict[str, Any]) -> bool:
-    """Whether ``row`` also timed a copy ([Note: measured rows]): busbw's out-of-place all-reduce, broadcast and
-    reduce copy the input into the output and run in place there."""
-    return not row.get("in_place", True) and row["op"] in ("all_reduce", "broadcast", "reduce")
-
-
 def _times_call(row: dict[str, Any]) -> bool:
     """Whether ``row`` timed one call of its algorithm at a schedule the fit knows ([Note: measured rows])."""
-    return not _copied(row) and ("pipeline" in row or not algorithms.pipelined(row["algorithm"], Collective(row["op"])))
+    return not copied(row) and ("pipeline" in row or not algorithms.pipelined(row["algorithm"], Collective(row["op"])))
 
 
 def fit(rows: list[dict[str, Any]], topo: Topology, backend: str, base: Params | None = None,
@@ -252,12 +247,7 @@ def _summary(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, 
 
 def pick_results(model: CostModel, rows: list[dict[str, Any]], min_bytes: int = _MIN_BYTES) -> list[bool]:
     """Per measured (op, size) cell: whether the model's pick ran within 5% of the fastest measured."""
-    cells: dict[tuple[str, int], dict[str, float]] = {}
-    for r in rows:
-        if r["bytes"] >= min_bytes:
-            cells.setdefault((r["op"], r["bytes"]), {})[r["algorithm"]] = r["time_us"]
-    return [times.get(model.plan(op, nbytes, candidates=tuple(times)).algorithm, np.inf) <= 1.05 * min(times.values())
-            for (op, nbytes), times in cells.items()]
+    return [slow <= 1 + PICK_TOLERANCE for *_, slow in calibrate_check.pick_cells(model, rows, min_bytes)]
 
 
 def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, params: Params) -> Params:
@@ -464,8 +454,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _check(a) -> None:
-    from . import calibrate_check
-
     try:
         params = load_profile(a.profile)
     except KeyError as e:

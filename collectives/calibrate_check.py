@@ -6,9 +6,9 @@ Per sweep it reports the two figures a profile is judged by:
 - rows: the share of rows of at least ``--min-bytes`` whose predicted time is within 25% of the
   measured one. Only rows that time one call of their algorithm count: busbw's out-of-place
   all-reduce, broadcast and reduce also time a copy of the input into the output, which no
-  prediction of the collective includes (``calibrate._copied``);
+  prediction of the collective includes (``copied``);
 - picks: the share of (op, size) cells where the algorithm the model picks among the measured ones
-  ran within 5% of the fastest of them (``calibrate.pick_results``).
+  ran within 5% of the fastest of them (``pick_cells``; the fit's summary counts them the same way).
 
 [Note: sweep agreement] A measured time is itself a sample: the same cell measured in another
 launch, or another minute, differs by more than any model error on a time-shared CPU, and on GPUs
@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from .calibrate import _copied
 from .model import CostModel
 from .schedule import Collective
 
@@ -36,10 +35,16 @@ PICK_TOLERANCE = 0.05  # a pick is right when it ran within 1 + this of the meas
 Key = tuple[str, str, int, bool]  # (op, algorithm, bytes, in place)
 
 
+def copied(row: dict[str, Any]) -> bool:
+    """Whether ``row`` also timed a copy ([Note: measured rows] in calibrate.py): busbw's out-of-place
+    all-reduce, broadcast and reduce copy the input into the output and run in place there."""
+    return not row.get("in_place", True) and row["op"] in ("all_reduce", "broadcast", "reduce")
+
+
 def one_call_rows(rows: list[dict[str, Any]], min_bytes: int) -> dict[Key, dict[str, Any]]:
     """The rows that time one call of their algorithm, at least ``min_bytes``, by (op, algorithm, bytes, in place)."""
     return {(r["op"], r["algorithm"], int(r["bytes"]), bool(r.get("in_place", True))): r
-            for r in rows if r["bytes"] >= min_bytes and not _copied(r)}
+            for r in rows if r["bytes"] >= min_bytes and not copied(r)}
 
 
 def _cells(times: dict[Key, float]) -> dict[tuple[str, int], dict[str, float]]:
@@ -50,25 +55,30 @@ def _cells(times: dict[Key, float]) -> dict[tuple[str, int], dict[str, float]]:
     return cells
 
 
-def _within(predicted: float, measured: float) -> bool:
-    return abs(predicted / measured - 1) <= ROW_TOLERANCE
+def _within(ratio: float) -> bool:
+    """Whether predicted / measured ``ratio`` counts as right."""
+    return abs(ratio - 1) <= ROW_TOLERANCE
+
+
+def pick_cells(model: CostModel, rows: list[dict[str, Any]], min_bytes: int) -> list[tuple[str, int, str, float]]:
+    """Per (op, size) cell of the one-call rows: (op, bytes, the model's pick among the measured algorithms,
+    its measured time / the fastest's)."""
+    out = []
+    for (op, nbytes), times in _cells({k: r["time_us"] for k, r in one_call_rows(rows, min_bytes).items()}).items():
+        pick = model.plan(Collective(op), nbytes, candidates=tuple(times)).algorithm
+        out.append((op, nbytes, pick, times[pick] / min(times.values())))
+    return out
 
 
 def score(model: CostModel, rows: list[dict[str, Any]], min_bytes: int) -> dict[str, Any]:
     """The model's rows and picks on one sweep, and the rows and cells it got wrong."""
-    calls = one_call_rows(rows, min_bytes)
     ratios = {k: model.predict(k[0], k[2], k[1], pipeline=r.get("pipeline")) * 1e6 / r["time_us"]
-              for k, r in calls.items()}
-    picks, missed = [], []
-    for (op, nbytes), times in _cells({k: r["time_us"] for k, r in calls.items()}).items():
-        pick = model.plan(Collective(op), nbytes, candidates=tuple(times)).algorithm
-        best = min(times.values())
-        picks.append(times[pick] <= (1 + PICK_TOLERANCE) * best)
-        if not picks[-1]:
-            missed.append((op, nbytes, pick, times[pick] / best))
-    return {"rows": len(ratios), "rows_within": _share([abs(q - 1) <= ROW_TOLERANCE for q in ratios.values()]),
-            "cells": len(picks), "picks_within": _share(picks),
-            "row_misses": {k: q for k, q in ratios.items() if abs(q - 1) > ROW_TOLERANCE}, "pick_misses": missed}
+              for k, r in one_call_rows(rows, min_bytes).items()}
+    cells = pick_cells(model, rows, min_bytes)
+    missed = [c for c in cells if c[3] > 1 + PICK_TOLERANCE]
+    return {"rows": len(ratios), "rows_within": _share([_within(q) for q in ratios.values()]),
+            "cells": len(cells), "picks_within": 1 - len(missed) / len(cells) if cells else float("nan"),
+            "row_misses": {k: q for k, q in ratios.items() if not _within(q)}, "pick_misses": missed}
 
 
 def agreement(sweeps: list[list[dict[str, Any]]], min_bytes: int) -> list[dict[str, float]]:
@@ -77,7 +87,7 @@ def agreement(sweeps: list[list[dict[str, Any]]], min_bytes: int) -> list[dict[s
     out = []
     for j, mine in enumerate(times):
         others = [t for i, t in enumerate(times) if i != j]
-        rows = [_within(float(np.mean([t[k] for t in others if k in t])), v)
+        rows = [_within(float(np.mean([t[k] for t in others if k in t])) / v)
                 for k, v in mine.items() if any(k in t for t in others)]
         their_cells = [_cells(t) for t in others]
         picks = []

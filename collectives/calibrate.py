@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import algorithms, calibrate_check
-from .calibrate_check import PICK_TOLERANCE, copied
+from .calibrate_check import PICK_TOLERANCE, ROW_TOLERANCE, copied
 from .execute import LEGACY_CUDA_SEGMENT_BYTES
 from .model import (_WORLD_FIELDS, HOST, SETUP, THETA, CostModel, Params, _theta, binding, default_params,
                     evaluate, native_structs)
@@ -241,7 +241,7 @@ def _summary(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, 
         picks += pick_results(model, rows, min_bytes)
     vals = np.array(list(ratios.values())) if ratios else np.ones(1)
     return {"rows": len(ratios), "ratio_min": float(vals.min()), "ratio_max": float(vals.max()),
-            "within_25pct": float(np.mean(np.abs(vals - 1) <= 0.25)),
+            "within_25pct": float(np.mean(np.abs(vals - 1) <= ROW_TOLERANCE)),
             "pick_within_5pct": float(np.mean(picks)) if picks else 1.0, "ratios": ratios}
 
 

@@ -13,7 +13,7 @@ an upper bound where ranks drift).
 
 [Note: structural lines] Pricing is split into a size- and parameter-free
 part, cached per (algorithm, collective, layout), and a cheap evaluation. The
-first reduces every round to a few "lines" (tier, f, r, m, q):
+first reduces every round to a few "lines" (tier, f, r, m, q, cut, side):
 
 - f: the fraction of the buffer on the busiest resource of a transfer, of
   tier 0 (a device's port into the node's fabric), 1 (a NIC), 3 (the pair of
@@ -28,7 +28,9 @@ first reduces every round to a few "lines" (tier, f, r, m, q):
 - q: the messages (transfers sent or received) the busier end handles in the
   round, at least its host's messages over its cores ([Note: messages] in
   rounds.py): direct's n-1 sends and n-1 receives a round cost more host work
-  than halving-doubling's one of each, which a per-round cost cannot tell.
+  than halving-doubling's one of each, which a per-round cost cannot tell;
+- cut, side: unequally loaded ranks sharing cores get lines of two stretches, for buffers up
+  to cut bytes (side -1: messages fit a slot) and above (+1); others hold at all sizes (side 0).
 
 With parameters theta a line costs
 ``step + alpha[tier] + [m > 1] sched + q msg + (w f / B[tier] + m 3 r / R) nbytes``, with

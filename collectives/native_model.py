@@ -16,7 +16,7 @@ from collections import Counter
 
 import numpy as np
 
-from .rounds import Struct, _collect, _Layout, _pareto, join, round_lines, setup_struct
+from .rounds import Struct, _collect, _Layout, _pareto, _when, join, round_lines, setup_struct
 from .structures import binomial_struct, hd_struct, ring_struct
 from .schedule import Collective
 from .topology import Topology
@@ -131,8 +131,8 @@ def direct_struct(lay: _Layout, coll: Collective) -> Struct:
         rows = [(0.0, both * (local.max() - 1) / n), (3.0, 1 / n)] if local.max() > 1 else []
         rows += [(1.0, nic.max())] if nic.max() > 0 else []
         q = 2.0 * (n - 1)  # every rank sends n-1 messages and receives n-1
-        rs = _pareto(np.array([(t, f, red, 1.0, q) for t, f in rows]))
-        ag = _pareto(np.array([(t, f, 0.0, 1.0, q) for t, f in rows]))
+        rs = _pareto(_when(np.array([(t, f, red, 1.0, q) for t, f in rows])))
+        ag = _pareto(_when(np.array([(t, f, 0.0, 1.0, q) for t, f in rows])))
     return _collect({Collective.REDUCE_SCATTER: [rs], Collective.ALL_GATHER: [ag]}.get(coll, [rs, ag]))
 
 
@@ -162,7 +162,7 @@ def pairwise_struct(lay: _Layout) -> Struct:
         # every rank sends one message and receives one
         rows = ((0.0, a, 0.0, 1.0, 2.0), (1.0, b, 0.0, 1.0, 2.0), (3.0, 1 / n if a > 0 else 0.0, 0.0, 1.0, 2.0))
         counts[tuple(row for row in rows if row[1] > 0)] += 1
-    return tuple((c, np.array(key)) for key, c in counts.items())
+    return tuple((c, _when(np.array(key))) for key, c in counts.items())
 
 
 def gather_struct(lay: _Layout) -> Struct:

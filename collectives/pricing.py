@@ -70,7 +70,12 @@ def line_times(L: np.ndarray, theta: np.ndarray, nbytes: np.ndarray,
     wire = bl[:, None] * nbytes[None, :]
     if curve is not None:
         wire = wire * curve.factor(L, nbytes)
-    return a[:, None] + wire + br[:, None] * nbytes[None, :]
+    t = a[:, None] + wire + br[:, None] * nbytes[None, :]
+    side = L[:, 6]
+    if side.any():  # lines that hold only up to or only above a buffer size (Struct; [Note: shared cores])
+        above = nbytes[None, :] > L[:, 5][:, None]
+        t = np.where(((side < 0)[:, None] & above) | ((side > 0)[:, None] & ~above), -np.inf, t)
+    return t
 
 
 def binding(L: np.ndarray, theta: np.ndarray, nbytes: float,

@@ -142,6 +142,12 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name}: expected an integer, got {text!r}") from None
 
 
+def slot_bytes_setting() -> int:
+    """The slot size a transport takes without an explicit one: $TOPOCOMM_SHM_SLOT_BYTES, else 1 MiB (the cost
+    model reads it too: [Note: shared cores] in rounds.py)."""
+    return _env_int("TOPOCOMM_SHM_SLOT_BYTES", DEFAULT_SLOT_BYTES)
+
+
 class ShmTransport:
     """Shared memory with the peers marked in ``peers_local`` (None: every peer), gloo
     (a wrapped ``TorchTransport``) with the others. Collective: every rank of ``group``
@@ -160,7 +166,7 @@ class ShmTransport:
             raise ValueError(f"ShmTransport needs a gloo (CPU) process group, got backend {self.backend!r}")
         self.timeout = timeout
         self._timeout_s = None if timeout is None else timeout.total_seconds()
-        slot_bytes = _env_int("TOPOCOMM_SHM_SLOT_BYTES", DEFAULT_SLOT_BYTES) if slot_bytes is None else slot_bytes
+        slot_bytes = slot_bytes_setting() if slot_bytes is None else slot_bytes
         slots = _env_int("TOPOCOMM_SHM_SLOTS", DEFAULT_SLOTS) if slots is None else slots
         if isinstance(slot_bytes, bool) or not isinstance(slot_bytes, int) or slot_bytes < 1:
             raise ValueError(f"slot_bytes: expected a positive int, got {slot_bytes!r}")

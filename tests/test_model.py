@@ -10,6 +10,7 @@ import pytest
 
 import collectives.model as M
 from collectives import algorithms, calibrate
+from collectives.pricing import line_times
 from collectives.schedule import Collective
 from collectives import topology as T
 from collectives.topology import Topology
@@ -118,11 +119,13 @@ def test_shared_ports_split_bandwidth():
     topo = Topology.local(8, nodes=[list(range(4)), list(range(4, 8))], cpus=0)
     lay = M._Layout.of(topo)
     lines = M.round_lines(lay, np.array([0, 1]), np.array([4, 5]), 0.25)
-    assert lines.tolist() == [[1.0, 0.5, 0.0, 1.0, 1.0]]  # both transfers share NIC 0 of node 0: half a buffer each way
+    # both transfers share NIC 0 of node 0: half a buffer each way
+    assert lines[:, :5].tolist() == [[1.0, 0.5, 0.0, 1.0, 1.0]]
     lines = M.round_lines(lay, np.array([0, 0, 1]), np.array([1, 1, 2]), 0.25)  # two messages 0->1 share a pair
     # rank 1 receives two messages and sends one: 3 messages at the busier end of every transfer, and its one
     # thread copies all three (0.75 of a buffer; [Note: one thread])
-    assert sorted(lines.tolist()) == [[0.0, 0.75, 0.0, 1.0, 3.0], [3.0, 0.5, 0.0, 1.0, 3.0]]
+    assert sorted(lines[:, :5].tolist()) == [[0.0, 0.75, 0.0, 1.0, 3.0], [3.0, 0.5, 0.0, 1.0, 3.0]]
+    assert not lines[:, 6].any()  # no shared cores: every line holds at every size
 
 
 def test_ranks_sharing_cpus_stretch_their_rounds():
@@ -139,9 +142,39 @@ def test_shared_cores_stretch_loaded_ranks_less():
     for the parents, 2 for the leaves; busy / cores is 2; the stretch is the geometric mean of the two."""
     lay = M._Layout.of(Topology.local(4, cpus=2))
     parents = np.sqrt(7 / 6 * 2)
-    assert lay.stretch(np.ones(4, bool), np.array([1.0, 6, 6, 1])).tolist() == pytest.approx([2, parents, parents, 2])
+    work = np.array([1.0, 6, 6, 1])
+    assert lay.stretch(np.ones(4, bool), work).tolist() == pytest.approx([2, parents, parents, 2])
+    assert lay.stretch(np.ones(4, bool), work, waits=False).tolist() == pytest.approx([2, 7 / 6, 7 / 6, 2])
     lines = M.round_lines(lay, np.array([1, 3, 2, 0]), np.array([2, 2, 1, 1]), 0.5, np.array([2, 1]), 1.0)
-    assert lines[:, 3].tolist() == pytest.approx([parents] * len(lines))
+    # messages of half the buffer fill a 1 MiB slot at a 2 MiB buffer: up to there the fair share, above it the mean
+    small, large = lines[lines[:, 6] < 0], lines[lines[:, 6] > 0]
+    assert len(small) == len(large) and len(small) + len(large) == len(lines)
+    assert small[:, 3].tolist() == pytest.approx([7 / 6] * len(small))
+    assert large[:, 3].tolist() == pytest.approx([parents] * len(large))
+    assert lines[:, 5].tolist() == pytest.approx([2 * lay.slot] * len(lines)) and lay.slot == 1 << 20
+
+
+def test_rounds_whose_messages_fit_a_slot_wait_for_no_one(monkeypatch):
+    """[Note: shared cores]: tree all-reduce's first round on 4 ranks, 2 cores, priced by hand. The parents' reduction
+    binds, stretched by the fair share 7/6 while the round's half-buffer messages fit a slot and by sqrt(7/6 * 2)
+    once they do not."""
+    lay = M._Layout.of(Topology.local(4, cpus=2))
+    lines = M.round_lines(lay, np.array([1, 3, 2, 0]), np.array([2, 2, 1, 1]), 0.5, np.array([2, 1]), 1.0)
+    theta = np.zeros(len(M.THETA))
+    theta[6] = 1e-9  # seconds per byte of reduction traffic only
+    below, above = 2.0 * lay.slot, 2.0 * lay.slot + 2
+    t = line_times(lines, theta, np.array([below, above])).max(axis=0)
+    assert t[0] == pytest.approx(7 / 6 * 3 * 1.0 * 1e-9 * below)
+    assert t[1] == pytest.approx(np.sqrt(7 / 6 * 2) * 3 * 1.0 * 1e-9 * above)
+    # a round whose ranks are all equally loaded has one stretch: its lines hold at every size
+    ring = M.round_lines(lay, np.arange(4), (np.arange(4) + 1) % 4, 0.25)
+    assert not ring[:, 6].any()
+    # the slot is the transport's: set larger, the cut moves with it
+    monkeypatch.setenv("TOPOCOMM_SHM_SLOT_BYTES", str(4 << 20))
+    wide = M._Layout.of(Topology.local(4, cpus=2))
+    assert wide.slot == 4 << 20 and wide.key != lay.key
+    lines = M.round_lines(wide, np.array([1, 3, 2, 0]), np.array([2, 2, 1, 1]), 0.5, np.array([2, 1]), 1.0)
+    assert set(lines[:, 5].tolist()) == {8.0 * (1 << 20)}
 
 
 # Messages each rank handles in one round of 4 ranks, counted by hand: direct sends 3 and receives 3 at
@@ -200,7 +233,7 @@ def test_set_up_copies_are_one_line_without_latency():
     """[Note: set-up copies]: reduce clones the buffer on the 3 non-roots; on 2 cores they share the cores."""
     lay = M._Layout.of(Topology.local(4, cpus=2))
     ((count, line),) = M.setup_struct(lay, C.REDUCE)
-    assert count == 1 and line.tolist() == [[M.SETUP, 0.0, pytest.approx(2 / 3), 1.5, 0.0]]
+    assert count == 1 and line.tolist() == [[M.SETUP, 0.0, pytest.approx(2 / 3), 1.5, 0.0, 0.0, 0.0]]
     assert M.setup_struct(lay, C.ALL_REDUCE) == () and M.setup_struct(lay, C.BROADCAST) == ()
     theta = M._theta(M.default_params(Topology.local(4, cpus=2), "gloo"))
     a, bl, br = M.coefficients(line, theta)

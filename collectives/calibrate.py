@@ -348,13 +348,17 @@ def load_rows(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, A
     # The segment size the sweep's transfers were cut at, which prices them ([Note: whole transfers on
     # CUDA] in execute.py): the header's; NCCL sweeps from before the header said ran with 32 MiB.
     seg = header.get("segment_bytes") or (LEGACY_CUDA_SEGMENT_BYTES if header.get("backend") == "nccl" else None)
-    # "auto" rows time the model's own pick: they measure no algorithm, so they can't calibrate one.
-    return header, [{**r, "segment_bytes": seg} if seg else r for r in rows if r.get("algorithm") != "auto"]
+    # Whether own-block copies ran beside the schedule ([Note: own block aside] in execute.py): not before
+    # the header said so. "auto" rows time the model's own pick: they measure no algorithm, so they can't
+    # calibrate one.
+    extra = {**({"segment_bytes": seg} if seg else {}), "own_block_aside": bool(header.get("own_block_aside"))}
+    return header, [{**r, **extra} for r in rows if r.get("algorithm") != "auto"]
 
 
 def sweep_model(topo: Topology, backend: str, params: Params | str | None, rows: list[dict[str, Any]]) -> CostModel:
-    """A CostModel of ``params`` pricing transfers cut as the sweep of ``rows`` cut them."""
-    return CostModel(topo, backend, profile=params, segment_bytes=rows[0].get("segment_bytes") if rows else None)
+    """A CostModel of ``params`` pricing transfers cut, and own blocks copied, as the sweep of ``rows`` did."""
+    return CostModel(topo, backend, profile=params, segment_bytes=rows[0].get("segment_bytes") if rows else None,
+                     aside=bool(rows and rows[0].get("own_block_aside")))
 
 
 def _sweep_topology(header: dict[str, Any], path: str | None) -> Topology:

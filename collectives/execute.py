@@ -87,6 +87,42 @@ def reducing_transfers(schedule: Schedule, rank: int) -> tuple[tuple[bool, ...],
     return schedule._cache[key]
 
 
+# [Note: own block aside]
+# All-gather and all-to-all copy the rank's own block from the input into the output, and often nothing
+# else touches that block: no step receives into it, and the sends that read it read only it. Those
+# sends then read the input instead, and the copy runs beside the schedule: on CUDA on a stream of its
+# own, joined when the schedule ends; on CPU after the schedule, on the same thread (no gain there).
+# The copy is issued only once the first step's transfers are: a copy kernel issued first takes every
+# SM, and NCCL's kernel waits for it. On 2 x H200 (NCCL 2.28; out of place, us, median of 5 loops,
+# two launches; benchmarks/results/gpu-h200x2-2026-11-27-aside.md):
+#
+#                                 copy first   aside, issued first   aside, after step 1   in place
+#   ring all-gather, 64 MiB       162-166      159-161               152-155               142-154
+#   ring all-gather, 256 MiB      536-539      525-526               508-510               468-474
+#   ring all-gather, 1 GiB        1917-1918    1902-1935             1532-1533             1520-1525
+#   pairwise all-to-all, 1 GiB    1913-1916    1906-1941             1525-1527             (NCCL's: 1628-1634)
+#
+# A high-priority NCCL stream with the copy issued first got 1621-1631 at 1 GiB. A schedule that sends
+# the block together with others (recursive doubling after its first step) keeps the copy first. The
+# cost model prices the copy as free on devices where it runs aside (rounds.setup_struct).
+def own_block_aside(schedule: Schedule, rank: int) -> bool:
+    """Whether ``rank``'s own-block copy may run beside ``schedule`` ([Note: own block aside])."""
+    key = ("aside", rank)
+    if key not in schedule._cache:
+        n, k = schedule.world_size, schedule.nchunks
+        lo, hi = rank * (k // n), (rank + 1) * (k // n)
+        ok = k % n == 0
+        for step in schedule.steps(rank) if ok else ():
+            for o in step.ops:
+                if o.stop <= lo or o.start >= hi or o.start == o.stop:
+                    continue
+                if isinstance(o, Send) and (o.buffer is Buffer.INPUT or lo <= o.start and o.stop <= hi):
+                    continue
+                ok = False
+        schedule._cache[key] = ok
+    return schedule._cache[key]
+
+
 @dataclass(slots=True)
 class _Group:
     """Segment k of every transfer of a step: posted together, then its receives are combined."""
@@ -121,11 +157,18 @@ class Executor:
         self.transport = transport
         self.max_segment_bytes = max_segment_bytes
         self._issue: dict[torch.device, torch.cuda.Stream] = {}
+        self._aside: dict[tuple, torch.cuda.Stream] = {}
         self.nvlink = None  # collectives.nvlink.NvlinkPeers: direct all-reduce over NVLink ([Note: NVLink direct])
 
     def run(self, schedule: Schedule, work: torch.Tensor, red: Reduction | None = None,
-            inp: torch.Tensor | None = None, wire_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+            inp: torch.Tensor | None = None, wire_dtype: torch.dtype | None = None,
+            own: tuple[int, torch.Tensor] | None = None,
+            posted: Callable[[], None] | None = None) -> torch.Tensor | None:
         """Run this rank's steps of ``schedule`` on the flat, contiguous ``work`` buffer.
+
+        ``own`` = (offset, tensor): sends that read only ``work[offset:offset + len(tensor)]`` read
+        ``tensor`` instead ([Note: own block aside]). ``posted`` (CUDA): called once, as soon as the
+        first step's transfers are issued.
 
         With ``wire_dtype`` (compression), data travels as a rounded copy ``wire``
         of the work buffer: sends read it, receives land in it (or in a scratch of
@@ -141,9 +184,10 @@ class Executor:
         cuda = work.device.type == "cuda"
         for step, segs in zip(schedule.steps(rank), segment_sizes(schedule, rank, seg, work.numel(), cuda)):
             if step.ops:
-                groups, ordered = self._plan_step(step.ops, bounds, segs, work, inp, scratch, wire)
+                groups, ordered = self._plan_step(step.ops, bounds, segs, work, inp, scratch, wire, own)
                 if cuda:
-                    self._step_cuda(groups, ordered, red, work.device)
+                    self._step_cuda(groups, ordered, red, work.device, posted)
+                    posted = None
                 else:
                     self._step_host(groups, ordered, red)
         return wire
@@ -156,7 +200,8 @@ class Executor:
 
     @staticmethod
     def _plan_step(ops, bounds: list[int], segs: list[int], work: torch.Tensor, inp: torch.Tensor | None,
-                   scratch: torch.Tensor | None, wire: torch.Tensor | None) -> tuple[list[_Group], bool]:
+                   scratch: torch.Tensor | None, wire: torch.Tensor | None,
+                   own: tuple[int, torch.Tensor] | None = None) -> tuple[list[_Group], bool]:
         """Cut the step's transfers into segment groups (op i into pieces of at most ``segs[i]``
         elements). ``ordered`` is False when a reduction lands in a chunk this step also sends
         (rule 1): then all sends must finish first."""
@@ -176,9 +221,13 @@ class Executor:
                 continue
             if isinstance(op, Send):
                 src = inp if op.buffer is Buffer.INPUT else (work if wire is None else wire)
+                shift = 0
+                if own is not None and op.buffer is Buffer.WORK and wire is None and \
+                        own[0] <= lo and hi <= own[0] + own[1].numel():
+                    src, shift = own[1], own[0]  # [Note: own block aside]
                 assert src is not None
                 for k, (a, b) in enumerate(_segments(lo, hi, seg)):
-                    group(k).sends.append((op.peer, src[a:b]))
+                    group(k).sends.append((op.peer, src[a - shift:b - shift]))
                 if op.buffer is Buffer.WORK:
                     sent.update(range(op.start, op.stop))
             elif op.reduce:
@@ -220,7 +269,15 @@ class Executor:
                 for w in swaits:
                     w.wait()
 
-    def _step_cuda(self, groups: list[_Group], ordered: bool, red: Reduction | None, device: torch.device) -> None:
+    def aside_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """A stream for copies that run beside the schedule ([Note: own block aside])."""
+        key = ("aside", device)
+        if key not in self._aside:
+            self._aside[key] = torch.cuda.Stream(device)
+        return self._aside[key]
+
+    def _step_cuda(self, groups: list[_Group], ordered: bool, red: Reduction | None, device: torch.device,
+                   posted_hook: Callable[[], None] | None = None) -> None:
         main = torch.cuda.current_stream(device)
         issue = self._issue.get(device)
         if issue is None:
@@ -228,6 +285,8 @@ class Executor:
         issue.wait_stream(main)  # this step's sends read what earlier steps reduced
         with torch.cuda.stream(issue):
             posted = [self.transport.post(g.sends, g.recvs) for g in groups]
+        if posted_hook is not None:
+            posted_hook()
         # Waits below are stream waits: main waits for the transfer, no host blocking.
         if not ordered:
             for swaits, _ in posted:
@@ -240,6 +299,33 @@ class Executor:
         for swaits, _ in posted:
             for w in swaits:
                 w.wait()
+
+
+def _own_block(ex: Executor, schedule: Schedule, out: torch.Tensor, mine: torch.Tensor, block: torch.Tensor,
+               run: Callable[[Callable[[], None] | None], object]) -> None:
+    """Copy ``block`` into ``mine`` (the rank's own block of ``out``) and ``run(posted)`` the schedule: the
+    copy beside the run where the schedule allows it ([Note: own block aside]), else first."""
+    if not own_block_aside(schedule, ex.transport.rank):
+        mine.copy_(block)
+        run(None)
+    elif out.is_cuda:
+        main = torch.cuda.current_stream(out.device)
+        aside = ex.aside_stream(out.device)
+        done = []
+
+        def copy() -> None:
+            aside.wait_stream(main)  # the caller's writes to the input come first
+            with torch.cuda.stream(aside):
+                mine.copy_(block)
+            done.append(True)
+
+        run(copy)  # the copy is issued once the first step's transfers are
+        if not done:  # no step of this rank issued any
+            copy()
+        main.wait_stream(aside)
+    else:
+        run(None)
+        mine.copy_(block)
 
 
 def _apply(g: _Group, red: Reduction | None, ready: Callable[[int], None]) -> None:
@@ -302,13 +388,16 @@ def run_collective(ex: Executor, schedule: Schedule, red: Reduction | None,
         assert inp is not None
         m = inp.numel()
         mine = out[rank * m:(rank + 1) * m]
-        if mine.data_ptr() != inp.data_ptr() or m == 0:
-            mine.copy_(inp)
-        ex.run(schedule, out)
+        if mine.data_ptr() == inp.data_ptr() and m:
+            ex.run(schedule, out)  # in place: the block is already there
+        else:
+            _own_block(ex, schedule, out, mine, inp,
+                       lambda hook: ex.run(schedule, out, own=(rank * m, inp), posted=hook))
     elif coll is Collective.ALL_TO_ALL:
         assert inp is not None
         m = inp.numel() // n
-        out[rank * m:(rank + 1) * m].copy_(inp[rank * m:(rank + 1) * m])
-        ex.run(schedule, out, inp=inp)
+        block = inp[rank * m:(rank + 1) * m]
+        _own_block(ex, schedule, out, out[rank * m:(rank + 1) * m], block,
+                   lambda hook: ex.run(schedule, out, inp=inp, posted=hook))
     else:  # pragma: no cover - the enum is closed
         raise AssertionError(coll)

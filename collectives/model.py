@@ -249,13 +249,13 @@ class CostModel:
 
     ``profile``: a Params, a path to a JSON profile, or None to use
     ``$TOPOCOMM_PROFILE`` or a shipped profile matching the hardware, else the
-    documented defaults (calibrate.find_profile). ``segment_bytes``: the
-    executor's largest segment of a reducing transfer (default: the
-    Communicator's default for the backend).
+    documented defaults (calibrate.find_profile). ``segment_bytes``: the executor's largest segment
+    of a reducing transfer (default: the Communicator's default for the backend). ``aside``: own-block
+    copies run beside the schedule (execute.py [Note: own block aside]; older sweeps: not).
     """
 
     def __init__(self, topology: Topology, backend: str = "gloo", profile: Params | str | os.PathLike | None = None,
-                 segment_bytes: int | None = None):
+                 segment_bytes: int | None = None, aside: bool = True):
         from . import calibrate
         self.topology, self.backend = topology, backend
         if profile is None:
@@ -266,8 +266,7 @@ class CostModel:
         params = profile if profile is not None else default_params(topology, backend)
         self.params: Params = for_world(params, topology.world_size)
         self.curve = MessageCurve.of(self.params.pair_curve, segment_bytes or default_segment_bytes(backend))
-        self._lay = _Layout.of(topology)
-        self._nodes = tuple(map(tuple, topology.nodes))
+        self._lay, self._nodes, self.aside = _Layout.of(topology), tuple(map(tuple, topology.nodes)), aside
         self._choices: dict[tuple, Plan] = {}
         self._plans: dict[tuple, Plan] = {}
 
@@ -291,11 +290,11 @@ class CostModel:
 
     def struct(self, coll: Collective, algorithm: str, pipeline: int = 1) -> Struct:
         """Structural lines of our ``algorithm`` (cached across models of the same layout)."""
-        key = (self._lay.key, coll, algorithm, pipeline, _GENERIC_ONLY)
+        key = (self._lay.key, coll, algorithm, pipeline, _GENERIC_ONLY, self.aside)
         if key not in _STRUCTS:
             if len(_STRUCTS) > 2048:
                 _STRUCTS.clear()
-            _STRUCTS[key] = _structure(self._lay, self._nodes, coll, algorithm, pipeline)
+            _STRUCTS[key] = _structure(self._lay, self._nodes, coll, algorithm, pipeline, self.aside)
         return _STRUCTS[key]
 
     def sweep(self, op: str | Collective, nbytes: Any, algorithm: str, dtype: Any = "float32",
@@ -469,7 +468,8 @@ class CostModel:
         return f"{kind}: {link[top]} {100 * parts[top] / total:.0f}% of the time{variant}"
 
 
-def _structure(lay: _Layout, nodes: tuple, coll: Collective, algorithm: str, pipeline: int) -> Struct:
+def _structure(lay: _Layout, nodes: tuple, coll: Collective, algorithm: str, pipeline: int,
+               aside: bool = True) -> Struct:
     """Structures known round by round (any world size, no Schedule), else the registry's Schedule priced."""
     C = Collective
     fast = {("ring", C.ALL_REDUCE): lambda: ring_struct(lay, coll),
@@ -492,7 +492,7 @@ def _structure(lay: _Layout, nodes: tuple, coll: Collective, algorithm: str, pip
     if out is None:
         s = algorithms.build(algorithm, coll, len(lay.node), root=0, nodes=nodes, pipeline=pipeline)
         out = price_schedule(s, lay)
-    return join(out, setup_struct(lay, coll)) if out else out
+    return join(out, setup_struct(lay, coll, algorithm=algorithm if aside else None)) if out else out
 
 
 _GENERIC_ONLY = False  # tests flip it to price every algorithm from its Schedule

@@ -14,11 +14,13 @@ own algorithms from all of them.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import execute
 from .schedule import Collective, Recv, Schedule, Send
 from .shm import DEFAULT_SLOT_BYTES, slot_bytes_setting
 from .topology import Topology
@@ -368,12 +370,27 @@ _SETUP_COPY = {Collective.REDUCE_SCATTER: lambda n: 1 + 1 / n, Collective.REDUCE
                Collective.ALL_GATHER: lambda n: 1 / n, Collective.ALL_TO_ALL: lambda n: 1 / n}
 
 
-def setup_struct(lay: _Layout, coll: Collective, root: int = 0) -> Struct:
-    """The buffer copies run_collective makes around our schedules, as one SETUP line ([Note: set-up copies])."""
+def setup_struct(lay: _Layout, coll: Collective, root: int = 0, algorithm: str | None = None) -> Struct:
+    """The buffer copies run_collective makes around our schedules, as one SETUP line ([Note: set-up copies]);
+    none for an own-block copy that ``algorithm`` lets a device run beside it (own_block_aside)."""
     n = len(lay.node)
     copy = _SETUP_COPY.get(coll)
     if copy is None or n < 2:
         return ()
+    if algorithm is not None and lay.device and coll in _OWN_BLOCK and own_block_aside(algorithm, coll, n):
+        return ()
     busy = np.arange(n) != root if coll is Collective.REDUCE else np.ones(n, bool)  # the root reduces in place
     m = float(lay.stretch(busy)[busy].max())
     return ((1, _when(np.array([[float(SETUP), 0.0, 2 * copy(n) / 3, m, 0.0]]))),)
+
+
+_OWN_BLOCK = (Collective.ALL_GATHER, Collective.ALL_TO_ALL)
+
+
+@functools.lru_cache(maxsize=None)
+def own_block_aside(algorithm: str, coll: Collective, n: int) -> bool:
+    """Whether ``algorithm``'s own-block copy runs beside its schedule on every rank (execute.py's [Note: own
+    block aside]); a property of the algorithm's shape, checked on at most 16 ranks."""
+    from . import algorithms
+    s = algorithms.build(algorithm, coll, min(n, 16), root=0)
+    return all(execute.own_block_aside(s, r) for r in range(s.world_size))

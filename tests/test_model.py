@@ -63,7 +63,7 @@ def test_structures_match_schedule_pricing(name, make):
             for k in ((1, 3, 8) if algorithms.pipelined(algo, coll) else (1,)):
                 fast = M._structure(lay, nodes, coll, algo, k)
                 sched = M.join(M.price_schedule(algorithms.build(algo, coll, n, root=0, nodes=nodes, pipeline=k),
-                                                lay), M.setup_struct(lay, coll))
+                                                lay), M.setup_struct(lay, coll, algorithm=algo))
                 np.testing.assert_allclose(M.evaluate(fast, theta, sizes), M.evaluate(sched, theta, sizes),
                                            rtol=1e-9, err_msg=f"{name}: {algo} {coll.value} pipeline {k}")
 
@@ -439,3 +439,21 @@ def test_measured_native_follows_its_points_and_the_lines_slope_outside():
     edge = M._measured(fit, np.array([(1 << 24) * (1 - 1e-9), (1 << 24) * (1 + 1e-9)]))
     assert edge[0] == pytest.approx(edge[1], rel=1e-6)
     assert np.all(M._measured(fit[:2], S) == 10e-6 + 1e-9 * S)  # a line alone (older profiles)
+
+
+def test_own_block_copies_beside_the_schedule_cost_nothing_on_devices():
+    """[Note: own block aside] in execute.py: on GPUs the own-block copy of ring and direct all-gather and of
+    pairwise all-to-all runs beside the transfers, so the model drops its set-up copy there; recursive doubling
+    copies first, and so do CPU ranks, whose one thread makes the copy; sweeps from before price it as they ran."""
+    S = 256 << 20
+    for topo in (Topology.preset("dgx-h100"), Topology.local(4, cpus=2)):
+        backend = "gloo" if topo.devices[0] == "cpu" else "nccl"
+        p = M.default_params(topo, backend)
+        aside, first = (M.CostModel(topo, backend, profile=p, aside=x) for x in (True, False))
+        lay, theta = M._Layout.of(topo), M._theta(p)
+        for coll, algo in ((C.ALL_GATHER, "ring"), (C.ALL_GATHER, "direct"), (C.ALL_TO_ALL, "pairwise"),
+                           (C.ALL_GATHER, "halving_doubling")):
+            saved = first.predict(coll, S, algo) - aside.predict(coll, S, algo)
+            copy = M.evaluate(M.setup_struct(lay, coll), theta, np.array([float(S)]))[0] - theta[0]
+            free = lay.device and algo != "halving_doubling"
+            assert copy > 0 and saved == pytest.approx(copy if free else 0.0, abs=1e-12), (backend, algo)

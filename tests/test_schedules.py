@@ -13,6 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from collectives.algorithms import _REGISTRY, build, names, pipelined
+from collectives.execute import own_block_aside
 from collectives.algorithms.halving_doubling import (
     halving_doubling_all_gather,
     halving_doubling_all_reduce,
@@ -264,6 +265,22 @@ def test_pairwise_sends_from_the_input() -> None:
     s = build("pairwise", Collective.ALL_TO_ALL, 4)
     assert s.steps(1)[0].ops == (Send(2, 2, 3, Buffer.INPUT), Recv(0, 0, 1, reduce=False))
     assert "Si2[2]" in format_schedule(s)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 9])
+def test_own_block_copy_runs_aside_where_nothing_else_reads_or_writes_the_block(n: int) -> None:
+    """[Note: own block aside] in execute.py: ring and direct all-gather send their own block alone (from the input
+    then), pairwise all-to-all sends from the input; recursive doubling sends it merged with the partner's block,
+    so its copy must come first; a schedule receiving into a rank's own block keeps it first too."""
+    for name, coll in (("ring", Collective.ALL_GATHER), ("direct", Collective.ALL_GATHER),
+                       ("pairwise", Collective.ALL_TO_ALL)):
+        s = build(name, coll, n)
+        assert all(own_block_aside(s, r) for r in range(n)), (name, n)
+    hd = build("halving_doubling", Collective.ALL_GATHER, n)
+    assert all(own_block_aside(hd, r) for r in range(n)) == (n == 2)
+    into_own = _sched(Collective.ALL_GATHER, 2, 2, [[[Send(1, 0, 1), Recv(1, 0, 1, reduce=False)]],
+                                                    [[Send(0, 1, 2), Recv(0, 0, 1, reduce=False)]]])
+    assert own_block_aside(into_own, 1) and not own_block_aside(into_own, 0)
 
 
 # --- the verifier catches broken schedules ---------------------------------------

@@ -202,6 +202,7 @@ def header(comm, s: Settings, command: str, launcher: str) -> dict[str, Any]:
         "trials": s.trials, "warmup": s.warmup, "check": s.check, "time": AGGREGATES[s.aggregate], "interleave": bool(s.interleave),
         "segment_bytes": comm.segment_bytes,  # what the model prices a sweep's transfers in
         "own_block_aside": True,  # own-block copies ran beside the schedule ([Note: own block aside] in execute.py)
+        "topology": comm.topology.to_json(),  # what the communicator detected, and priced with
         "factors": {"all_reduce": "2(n-1)/n", "all_gather": "(n-1)/n", "reduce_scatter": "(n-1)/n",
                     "all_to_all": "(n-1)/n", "broadcast": "1", "reduce": "1", "sendrecv": "1"},
     }

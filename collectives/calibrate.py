@@ -376,8 +376,22 @@ def _sweep_topology(header: dict[str, Any], path: str | None) -> Topology:
     if "topology" in header:  # re-derive from the raw reports, so detection fixes apply to old sweeps
         reports = header["topology"].get("details", {}).get("reports")
         return from_reports(reports) if reports else Topology.from_json(header["topology"])
+    if header.get("gpu") or header.get("backend") == "nccl":  # a local CPU topology would price it as CPU ranks
+        raise ValueError("the sweep ran on GPUs and its header records no topology: pass --topology FILE "
+                         "(python -m collectives topology --save FILE, on that machine)")
     machine = str(header.get("machine", ""))
     return Topology.local(n or 4, cpus=int(machine.split("(")[-1].split()[0]) if "CPUs" in machine else None)
+
+
+def _topologies(paths: list[str], loaded: list[tuple[dict[str, Any], Any]], topology: str | None) -> list[Topology]:
+    """Each sweep's topology (_sweep_topology); a ValueError names the sweep it is about."""
+    out = []
+    for path, (header, _) in zip(paths, loaded):
+        try:
+            out.append(_sweep_topology(header, topology))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -433,10 +447,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         loaded = [load_rows(path) for path in a.rows]
+        sweeps = list(zip(_topologies(a.rows, loaded, a.topology), (rows for _, rows in loaded)))
     except (OSError, ValueError) as e:
         ap.error(f"fit: {e}")
     backend = a.backend or loaded[0][0].get("backend", "gloo")
-    sweeps = [(_sweep_topology(header, a.topology), rows) for header, rows in loaded]
     curves = dict(load_curve(path) for path in a.pair_curve)
     if a.per_world:
         params, summary = fit_per_world(sweeps, backend, min_bytes=a.min_bytes, curves=curves)
@@ -465,8 +479,8 @@ def _check(a) -> None:
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"profile {a.profile}: {e}") from e
     loaded = [load_rows(path) for path in a.rows]
-    scores = [calibrate_check.score(sweep_model(_sweep_topology(header, a.topology), header.get("backend", "gloo"),
-                                                params, rows), rows, a.min_bytes) for header, rows in loaded]
+    scores = [calibrate_check.score(sweep_model(topo, header.get("backend", "gloo"), params, rows), rows, a.min_bytes)
+              for topo, (header, rows) in zip(_topologies(a.rows, loaded, a.topology), loaded)]
     agreed = calibrate_check.agreement([rows for _, rows in loaded], a.min_bytes) if len(loaded) > 1 else None
     print(calibrate_check.report([Path(p).name for p in a.rows], scores, agreed, a.verbose))
 

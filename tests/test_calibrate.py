@@ -211,7 +211,10 @@ def test_check_command_prints_each_sweep(tmp_path, capsys):
     # bad input: the file that is wrong, said before anything is scored
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"op": "all_reduce", "bytes": 1024}]))
+    gpu = tmp_path / "gpu.json"  # a GPU sweep that records no topology would be priced as CPU ranks
+    gpu.write_text(json.dumps({"header": {"backend": "nccl", "world_size": 4, "gpu": "H200"}, "rows": _sweep(model)}))
     for args, words in (([str(profile), str(bad)], ["bad.json", "row 0 has no algorithm, time_us"]),
+                        ([str(profile), str(gpu)], ["gpu.json", "records no topology", "--topology"]),
                         ([str(paths[0]), str(paths[1])], ["s0.json", "not a profile"]),
                         ([str(profile), str(tmp_path / "missing.json")], ["missing.json"])):
         with pytest.raises(SystemExit):

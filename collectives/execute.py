@@ -160,7 +160,7 @@ class Executor:
         self.transport = transport
         self.max_segment_bytes = max_segment_bytes
         self._issue: dict[torch.device, torch.cuda.Stream] = {}
-        self._aside: dict[tuple, torch.cuda.Stream] = {}
+        self._aside: dict[torch.device, torch.cuda.Stream] = {}
         self.nvlink = None  # collectives.nvlink.NvlinkPeers: direct all-reduce over NVLink ([Note: NVLink direct])
 
     def run(self, schedule: Schedule, work: torch.Tensor, red: Reduction | None = None,
@@ -274,10 +274,9 @@ class Executor:
 
     def aside_stream(self, device: torch.device) -> torch.cuda.Stream:
         """A stream for copies that run beside the schedule ([Note: own block aside])."""
-        key = ("aside", device)
-        if key not in self._aside:
-            self._aside[key] = torch.cuda.Stream(device)
-        return self._aside[key]
+        if device not in self._aside:
+            self._aside[device] = torch.cuda.Stream(device)
+        return self._aside[device]
 
     def _step_cuda(self, groups: list[_Group], ordered: bool, red: Reduction | None, device: torch.device,
                    posted_hook: Callable[[], None] | None = None) -> None:

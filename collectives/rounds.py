@@ -72,18 +72,22 @@ class _Layout:
         return cls(node, nic, host, cpus, (tuple(map(tuple, topo.nodes)), topo.nics_per_node,
                                            tuple(host.tolist()), cpus, device, slot), device, slot)
 
-    def stretch(self, busy: np.ndarray, work: np.ndarray | None = None, waits: bool = True) -> np.ndarray:
-        """Per rank: how much longer its ``work`` takes with ``busy`` ranks sharing the host's CPUs; ``waits``:
-        whether it waits for descheduled peers, as messages larger than a slot make it ([Note: shared cores])."""
+    def stretch(self, busy: np.ndarray) -> np.ndarray:
+        """Per rank: busy / cores (at least 1), the slowdown of plain time-slicing of the host's CPUs."""
         if not self.cpus:
             return np.ones(len(self.node))
-        hosts = int(self.host.max()) + 1
-        m = np.maximum(1.0, np.bincount(self.host[busy], minlength=hosts)[self.host] / self.cpus)
-        if work is None:
-            return m
-        fair = np.bincount(self.host, work, minlength=hosts)[self.host] / self.cpus  # [Note: shared cores]
+        return np.maximum(1.0, np.bincount(self.host[busy], minlength=int(self.host.max()) + 1)[self.host] / self.cpus)
+
+    def stretches(self, busy: np.ndarray, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per rank, how much longer its ``work`` takes with ``busy`` ranks sharing the host's CPUs: (the fair
+        share, where it waits for no one; the geometric mean with busy / cores, where it waits for descheduled
+        peers, as messages larger than a slot make it) ([Note: shared cores])."""
+        m = self.stretch(busy)
+        if not self.cpus:
+            return m, m
+        fair = np.bincount(self.host, work, minlength=int(self.host.max()) + 1)[self.host] / self.cpus
         share = np.clip(np.divide(fair, work, out=m.copy(), where=work > 0), 1.0, m)
-        return np.sqrt(share * m) if waits else share
+        return share, np.sqrt(share * m)
 
 
 # ((count, lines (k, 7): tier, f, r, m, q, cut, side), ...); side -1 / +1: the line holds only at buffer sizes up
@@ -214,40 +218,37 @@ def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np
     loads, r_edge, q_edge = edge_loads(lay, src, dst, f), np.maximum(red[src], red[dst]), np.maximum(q[src], q[dst])
 
     def lines(m: np.ndarray, cut: float = 0.0, side: int = 0) -> np.ndarray:
-        return np.concatenate([_lines(loads, r_edge, m[heavy], q_edge, both[src] | both[dst], cut, side),
-                               _when(np.column_stack([np.full(len(lonely), 2.0), np.zeros(len(lonely)), red[lonely],
-                                                      m[lonely], q[lonely]]), cut, side)])
+        out = np.concatenate([_lines(loads, r_edge, m[heavy], q_edge, both[src] | both[dst], cut, side),
+                              _when(np.column_stack([np.full(len(lonely), 2.0), np.zeros(len(lonely)), red[lonely],
+                                                     m[lonely], q[lonely]]), cut, side)])
+        return _pareto(out) if len(out) else np.zeros((0, WIDTH))
 
-    m = lay.stretch(busy, work)  # [Note: shared cores]
-    fair = lay.stretch(busy, work, waits=False)
+    fair, m = lay.stretches(busy, work)  # [Note: shared cores]
     if np.allclose(fair, m):
-        out = lines(m)
-    else:  # up to the buffer size where its largest message fills a slot, the round's ranks wait for no one
-        g = float(f.max()) if len(f) else 0.0
-        cut = lay.slot / g if g > 0 else np.inf
-        out = np.concatenate([lines(fair, cut, -1), lines(m, cut, 1)])
-    return _pareto(out) if len(out) else np.zeros((0, WIDTH))
+        return lines(m)
+    # up to the buffer size where its largest message fills a slot, the round's ranks wait for no one
+    g = float(f.max()) if len(f) else 0.0
+    cut = lay.slot / g if g > 0 else np.inf
+    return np.concatenate([lines(fair, cut, -1), lines(m, cut, 1)])
 
 
 def _pareto(lines: np.ndarray) -> np.ndarray:
-    """Drop lines that another line of the same tier, stretch, messages and sizes beats in both f and r."""
+    """Drop lines that another line of the same tier, stretch and messages beats in both f and r (vectorised);
+    the lines share one size range (cut, side: Struct)."""
     lines = np.round(lines, 12)
-    if lines[:, 6].any():  # two stretches by size ([Note: shared cores]): rare, so the general grouping
-        keys, group = np.unique(lines[:, [0, 3, 4, 5, 6]], axis=0, return_inverse=True)
-        groups = [(key, lines[group.ravel() == i]) for i, key in enumerate(keys)]
-    else:
-        groups = []
-        for t in np.unique(lines[:, 0]):
-            sel = lines[lines[:, 0] == t]
-            mq = sel[:, 3] + 1j * sel[:, 4]
-            kinds = np.unique(mq)
-            groups += [((t, k.real, k.imag, 0.0, 0.0), sel if len(kinds) == 1 else sel[mq == k]) for k in kinds]
+    when = lines[0, 5:]
     keep = []
-    for key, sub in groups:
-        z = np.unique(sub[:, 1] + 1j * sub[:, 2])[::-1]  # distinct (f, r): f descending, then r
-        best_r = np.maximum.accumulate(np.concatenate([[-1.0], z.imag[:-1]]))
-        z = z[z.imag > best_r]
-        keep.append(np.column_stack([np.full(len(z), key[0]), z.real, z.imag, np.tile(key[1:], (len(z), 1))]))
+    for t in np.unique(lines[:, 0]):
+        sel = lines[lines[:, 0] == t]
+        keys = sel[:, 3] + 1j * sel[:, 4]
+        groups = np.unique(keys)
+        for g in groups:
+            sub = sel if len(groups) == 1 else sel[keys == g]
+            z = np.unique(sub[:, 1] + 1j * sub[:, 2])[::-1]  # distinct (f, r): f descending, then r
+            best_r = np.maximum.accumulate(np.concatenate([[-1.0], z.imag[:-1]]))
+            z = z[z.imag > best_r]
+            keep.append(np.column_stack([np.full(len(z), float(t)), z.real, z.imag, np.full(len(z), g.real),
+                                         np.full(len(z), g.imag), np.tile(when, (len(z), 1))]))
     return np.concatenate(keep)
 
 

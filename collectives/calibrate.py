@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import algorithms, calibrate_check
-from .calibrate_check import PICK_TOLERANCE, ROW_TOLERANCE, copied
+from .calibrate_check import PICK_TOLERANCE, copied
 from .execute import LEGACY_CUDA_SEGMENT_BYTES
 from .model import (_WORLD_FIELDS, HOST, SETUP, THETA, CostModel, Params, _theta, binding, default_params,
                     evaluate, native_structs)
@@ -241,7 +241,7 @@ def _summary(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, 
         picks += pick_results(model, rows, min_bytes)
     vals = np.array(list(ratios.values())) if ratios else np.ones(1)
     return {"rows": len(ratios), "ratio_min": float(vals.min()), "ratio_max": float(vals.max()),
-            "within_25pct": float(np.mean(np.abs(vals - 1) <= ROW_TOLERANCE)),
+            "within_25pct": float(np.mean([calibrate_check.row_within(v) for v in vals])),
             "pick_within_5pct": float(np.mean(picks)) if picks else 1.0, "ratios": ratios}
 
 
@@ -383,12 +383,13 @@ def _sweep_topology(header: dict[str, Any], path: str | None) -> Topology:
     return Topology.local(n or 4, cpus=int(machine.split("(")[-1].split()[0]) if "CPUs" in machine else None)
 
 
-def _topologies(paths: list[str], loaded: list[tuple[dict[str, Any], Any]], topology: str | None) -> list[Topology]:
-    """Each sweep's topology (_sweep_topology); a ValueError names the sweep it is about."""
+def _load_sweeps(paths: list[str], topology: str | None) -> list[tuple[dict[str, Any], Topology, list[dict[str, Any]]]]:
+    """(header, topology, rows) of each busbw file (load_rows, _sweep_topology); a ValueError names the file."""
     out = []
-    for path, (header, _) in zip(paths, loaded):
+    for path in paths:
+        header, rows = load_rows(path)
         try:
-            out.append(_sweep_topology(header, topology))
+            out.append((header, _sweep_topology(header, topology), rows))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
     return out
@@ -446,10 +447,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{len(rows)} rows -> {a.json}")
         return
     try:
-        loaded = [load_rows(path) for path in a.rows]
-        sweeps = list(zip(_topologies(a.rows, loaded, a.topology), (rows for _, rows in loaded)))
+        loaded = _load_sweeps(a.rows, a.topology)
     except (OSError, ValueError) as e:
         ap.error(f"fit: {e}")
+    sweeps = [(topo, rows) for _, topo, rows in loaded]
     backend = a.backend or loaded[0][0].get("backend", "gloo")
     curves = dict(load_curve(path) for path in a.pair_curve)
     if a.per_world:
@@ -457,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         params, summary = fit_sweeps(sweeps, backend, base=_base(sweeps, backend, curves), min_bytes=a.min_bytes)
     meta = {k: v for k, v in summary.items() if k != "ratios"}
-    headers = [{k: v for k, v in header.items() if k != "topology"} for header, _ in loaded]
+    headers = [{k: v for k, v in header.items() if k != "topology"} for header, _, _ in loaded]
     meta.update(header=headers[0] if len(headers) == 1 else headers, topology=sweeps[-1][0].to_json(),
                 note="fitted by python -m collectives.calibrate fit; 'rows' are the measurements",
                 pair_curves=[str(path) for path in a.pair_curve],
@@ -478,10 +479,10 @@ def _check(a) -> None:
         raise ValueError(f"profile {a.profile}: no {e} field, not a profile (calibrate fit --save writes one)") from e
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"profile {a.profile}: {e}") from e
-    loaded = [load_rows(path) for path in a.rows]
+    loaded = _load_sweeps(a.rows, a.topology)
     scores = [calibrate_check.score(sweep_model(topo, header.get("backend", "gloo"), params, rows), rows, a.min_bytes)
-              for topo, (header, rows) in zip(_topologies(a.rows, loaded, a.topology), loaded)]
-    agreed = calibrate_check.agreement([rows for _, rows in loaded], a.min_bytes) if len(loaded) > 1 else None
+              for header, topo, rows in loaded]
+    agreed = calibrate_check.agreement([rows for *_, rows in loaded], a.min_bytes) if len(loaded) > 1 else None
     print(calibrate_check.report([Path(p).name for p in a.rows], scores, agreed, a.verbose))
 
 

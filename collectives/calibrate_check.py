@@ -55,7 +55,7 @@ def _cells(times: dict[Key, float]) -> dict[tuple[str, int], dict[str, float]]:
     return cells
 
 
-def _within(ratio: float) -> bool:
+def row_within(ratio: float) -> bool:
     """Whether predicted / measured ``ratio`` counts as right."""
     return abs(ratio - 1) <= ROW_TOLERANCE
 
@@ -76,9 +76,9 @@ def score(model: CostModel, rows: list[dict[str, Any]], min_bytes: int) -> dict[
               for k, r in one_call_rows(rows, min_bytes).items()}
     cells = pick_cells(model, rows, min_bytes)
     missed = [c for c in cells if c[3] > 1 + PICK_TOLERANCE]
-    return {"rows": len(ratios), "rows_within": _share([_within(q) for q in ratios.values()]),
+    return {"rows": len(ratios), "rows_within": _share([row_within(q) for q in ratios.values()]),
             "cells": len(cells), "picks_within": 1 - len(missed) / len(cells) if cells else float("nan"),
-            "row_misses": {k: q for k, q in ratios.items() if not _within(q)}, "pick_misses": missed}
+            "row_misses": {k: q for k, q in ratios.items() if not row_within(q)}, "pick_misses": missed}
 
 
 def agreement(sweeps: list[list[dict[str, Any]]], min_bytes: int) -> list[dict[str, float]]:
@@ -87,7 +87,7 @@ def agreement(sweeps: list[list[dict[str, Any]]], min_bytes: int) -> list[dict[s
     out = []
     for j, mine in enumerate(times):
         others = [t for i, t in enumerate(times) if i != j]
-        rows = [_within(float(np.mean([t[k] for t in others if k in t])) / v)
+        rows = [row_within(float(np.mean([t[k] for t in others if k in t])) / v)
                 for k, v in mine.items() if any(k in t for t in others)]
         their_cells = [_cells(t) for t in others]
         picks = []
@@ -116,7 +116,8 @@ def report(names: list[str], scores: list[dict[str, Any]], agreed: list[dict[str
     head = f"{'sweep':{width}s}  {'rows':>6s} {'picks':>6s}  {'of rows':>7s} {'cells':>5s}"
     if agreed:
         head += f"  | {'rows':>6s} {'picks':>6s}"
-    lines = ["rows: predicted within 25% of measured; picks: the pick ran within 5% of the best measured", head]
+    lines = [f"rows: predicted within {ROW_TOLERANCE:.0%} of measured; picks: the pick ran within "
+             f"{PICK_TOLERANCE:.0%} of the best measured", head]
     for i, (name, s) in enumerate(zip(names, scores)):
         line = f"{name:{width}s}  {_pct(s['rows_within'])} {_pct(s['picks_within'])}  {s['rows']:7d} {s['cells']:5d}"
         if agreed:

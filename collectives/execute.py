@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -159,8 +160,8 @@ class Executor:
             raise ValueError(f"max_segment_bytes must be positive, got {max_segment_bytes}")
         self.transport = transport
         self.max_segment_bytes = max_segment_bytes
-        self._issue: dict[torch.device, torch.cuda.Stream] = {}
-        self._aside: dict[torch.device, torch.cuda.Stream] = {}
+        # side streams by (use, device): "issue" posts transfers, "aside" copies beside them
+        self._streams: dict[tuple[str, torch.device], torch.cuda.Stream] = {}
         self.nvlink = None  # collectives.nvlink.NvlinkPeers: direct all-reduce over NVLink ([Note: NVLink direct])
 
     def run(self, schedule: Schedule, work: torch.Tensor, red: Reduction | None = None,
@@ -272,18 +273,18 @@ class Executor:
                 for w in swaits:
                     w.wait()
 
-    def aside_stream(self, device: torch.device) -> torch.cuda.Stream:
-        """A stream for copies that run beside the schedule ([Note: own block aside])."""
-        if device not in self._aside:
-            self._aside[device] = torch.cuda.Stream(device)
-        return self._aside[device]
+    def stream(self, use: str, device: torch.device) -> torch.cuda.Stream:
+        """This executor's side stream for ``use`` on ``device`` ("issue": transfers; "aside": copies beside
+        the schedule, [Note: own block aside]), made on first use."""
+        key = (use, device)
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(device)
+        return self._streams[key]
 
     def _step_cuda(self, groups: list[_Group], ordered: bool, red: Reduction | None, device: torch.device,
                    posted_hook: Callable[[], None] | None = None) -> None:
         main = torch.cuda.current_stream(device)
-        issue = self._issue.get(device)
-        if issue is None:
-            issue = self._issue[device] = torch.cuda.Stream(device)
+        issue = self.stream("issue", device)
         issue.wait_stream(main)  # this step's sends read what earlier steps reduced
         with torch.cuda.stream(issue):
             posted = [self.transport.post(g.sends, g.recvs) for g in groups]
@@ -304,15 +305,16 @@ class Executor:
 
 
 def _own_block(ex: Executor, schedule: Schedule, out: torch.Tensor, mine: torch.Tensor, block: torch.Tensor,
-               run: Callable[[Callable[[], None] | None], object]) -> None:
-    """Copy ``block`` into ``mine`` (the rank's own block of ``out``) and ``run(posted)`` the schedule: the
-    copy beside the run where the schedule allows it ([Note: own block aside]), else first."""
+               **run: Any) -> None:
+    """Copy ``block`` into ``mine`` (the rank's own block of ``out``) and run the schedule on ``out``
+    (``ex.run`` with the keywords ``run``): the copy beside the run where the schedule allows it ([Note: own
+    block aside]), else first."""
     if not own_block_aside(schedule, ex.transport.rank):
         mine.copy_(block)
-        run(None)
+        ex.run(schedule, out, **run)
     elif out.is_cuda:
         main = torch.cuda.current_stream(out.device)
-        aside = ex.aside_stream(out.device)
+        aside = ex.stream("aside", out.device)
         done = []
 
         def copy() -> None:
@@ -321,12 +323,12 @@ def _own_block(ex: Executor, schedule: Schedule, out: torch.Tensor, mine: torch.
                 mine.copy_(block)
             done.append(True)
 
-        run(copy)  # the copy is issued once the first step's transfers are
+        ex.run(schedule, out, posted=copy, **run)  # the copy is issued once the first step's transfers are
         if not done:  # no step of this rank issued any
             copy()
         main.wait_stream(aside)
     else:
-        run(None)
+        ex.run(schedule, out, **run)
         mine.copy_(block)
 
 
@@ -393,13 +395,11 @@ def run_collective(ex: Executor, schedule: Schedule, red: Reduction | None,
         if mine.data_ptr() == inp.data_ptr() and m:
             ex.run(schedule, out)  # in place: the block is already there
         else:
-            _own_block(ex, schedule, out, mine, inp,
-                       lambda hook: ex.run(schedule, out, own=(rank * m, inp), posted=hook))
+            _own_block(ex, schedule, out, mine, inp, own=(rank * m, inp))
     elif coll is Collective.ALL_TO_ALL:
         assert inp is not None
         m = inp.numel() // n
         block = inp[rank * m:(rank + 1) * m]
-        _own_block(ex, schedule, out, out[rank * m:(rank + 1) * m], block,
-                   lambda hook: ex.run(schedule, out, inp=inp, posted=hook))
+        _own_block(ex, schedule, out, out[rank * m:(rank + 1) * m], block, inp=inp)
     else:  # pragma: no cover - the enum is closed
         raise AssertionError(coll)

@@ -483,7 +483,12 @@ def _check(a) -> None:
     scores = [calibrate_check.score(sweep_model(topo, header.get("backend", "gloo"), params, rows), rows, a.min_bytes)
               for header, topo, rows in loaded]
     agreed = calibrate_check.agreement([rows for *_, rows in loaded], a.min_bytes) if len(loaded) > 1 else None
-    print(calibrate_check.report([Path(p).name for p in a.rows], scores, agreed, a.verbose))
+    names = [Path(p).name for p in a.rows]
+    pooled = calibrate_check.pools(loaded, a.min_bytes)
+    for name, backend, topo, rows in pooled:
+        names.append(name)
+        scores.append(calibrate_check.score(sweep_model(topo, backend, params, rows), rows, a.min_bytes))
+    print(calibrate_check.report(names, scores, agreed, a.verbose, pooled=len(pooled)))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ Per sweep it reports the two figures a profile is judged by:
 - picks: the share of (op, size) cells where the algorithm the model picks among the measured ones
   ran within 5% of the fastest of them (``pick_cells``; the fit's summary counts them the same way).
 
+With three or more sweeps of one world size it also scores the profile against each row's median over
+them ([Note: pooled sweeps]).
+
 [Note: sweep agreement] A measured time is itself a sample: the same cell measured in another
 launch, or another minute, differs by more than any model error on a time-shared CPU, and on GPUs
 NCCL's own small calls differ up to 2x between launches. With two or more sweeps the command also
@@ -17,6 +20,15 @@ scores each sweep against the others, the mean of the other sweeps standing in f
 mean row as the prediction of each row, their fastest algorithm by mean time as the pick of each
 cell. That is the best any prediction made before the sweep ran could do on average, and a profile
 scoring near it has no error left that the measurements can show.
+
+[Note: pooled sweeps] For the same reason one sweep's row is a poor stand-in for what a call of that
+algorithm costs: on the 2-core reference machine a cell's quartiles over ten sweeps lie 10-15% either
+side of its median, so a model that is right about every cell still misses some rows of any one sweep
+by more than 25%, and where two algorithms are within a few percent the faster one changes from sweep
+to sweep. With three or more sweeps of one world size the command therefore also scores the profile
+against one pooled sweep, each row's median time over the sweeps that measured it. That is the figure
+that says whether the model is right about a cell; the per-sweep lines say how far one launch strays.
+Sweeps the profile was fitted on pull the median toward it: pool held-out sweeps only.
 """
 
 from __future__ import annotations
@@ -81,6 +93,33 @@ def score(model: CostModel, rows: list[dict[str, Any]], min_bytes: int) -> dict[
             "row_misses": {k: q for k, q in ratios.items() if not row_within(q)}, "pick_misses": missed}
 
 
+def pooled_rows(sweeps: list[list[dict[str, Any]]], min_bytes: int) -> list[dict[str, Any]]:
+    """One sweep whose rows are each one-call row's median time over ``sweeps`` ([Note: pooled sweeps]);
+    the other fields (the depth it ran at among them) come from the first sweep that has the row."""
+    times: dict[Key, list[float]] = defaultdict(list)
+    first: dict[Key, dict[str, Any]] = {}
+    for rows in sweeps:
+        for k, r in one_call_rows(rows, min_bytes).items():
+            times[k].append(float(r["time_us"]))
+            first.setdefault(k, r)
+    return [{**first[k], "time_us": float(np.median(v))} for k, v in times.items()]
+
+
+def pools(loaded: list[tuple[dict[str, Any], Any, list[dict[str, Any]]]], min_bytes: int) -> list[tuple]:
+    """Per group of three or more of the (header, topology, rows) sweeps that ran one backend, world size and
+    executor (segment size, own-block copies aside or not): (the line's name, the backend, the group's last
+    topology, pooled_rows of the group) ([Note: pooled sweeps])."""
+    groups: dict[tuple, list[tuple[Any, list[dict[str, Any]]]]] = defaultdict(list)
+    for header, topo, rows in loaded:
+        first = rows[0] if rows else {}
+        key = (header.get("backend", "gloo"), topo.world_size, first.get("segment_bytes"),
+               bool(first.get("own_block_aside")))
+        groups[key].append((topo, rows))
+    return [(f"median of {len(group)} sweeps, {world} ranks" + (", copies aside" if aside else ""), backend,
+             group[-1][0], pooled_rows([rows for _, rows in group], min_bytes))
+            for (backend, world, _, aside), group in groups.items() if len(group) >= 3]
+
+
 def agreement(sweeps: list[list[dict[str, Any]]], min_bytes: int) -> list[dict[str, float]]:
     """Per sweep, the other sweeps' mean as its prediction ([Note: sweep agreement]): rows and picks."""
     times = [{k: r["time_us"] for k, r in one_call_rows(rows, min_bytes).items()} for rows in sweeps]
@@ -110,8 +149,9 @@ def _pct(share: float) -> str:
 
 
 def report(names: list[str], scores: list[dict[str, Any]], agreed: list[dict[str, float]] | None,
-           verbose: bool = False) -> str:
-    """The check's table (and, verbose, each sweep's misses)."""
+           verbose: bool = False, pooled: int = 0) -> str:
+    """The check's table (and, verbose, each sweep's misses); the last ``pooled`` entries score pooled sweeps
+    ([Note: pooled sweeps]), which have no agreement figures."""
     width = max(len(n) for n in names + ["sweep"])
     head = f"{'sweep':{width}s}  {'rows':>6s} {'picks':>6s}  {'of rows':>7s} {'cells':>5s}"
     if agreed:
@@ -120,7 +160,7 @@ def report(names: list[str], scores: list[dict[str, Any]], agreed: list[dict[str
              f"{PICK_TOLERANCE:.0%} of the best measured", head]
     for i, (name, s) in enumerate(zip(names, scores)):
         line = f"{name:{width}s}  {_pct(s['rows_within'])} {_pct(s['picks_within'])}  {s['rows']:7d} {s['cells']:5d}"
-        if agreed:
+        if agreed and i < len(agreed):
             line += f"  | {_pct(agreed[i]['rows_within'])} {_pct(agreed[i]['picks_within'])}"
         lines.append(line)
         if verbose:
@@ -131,4 +171,7 @@ def report(names: list[str], scores: list[dict[str, Any]], agreed: list[dict[str
     if agreed:
         lines.append("left of |: the profile; right of |: the mean of the other sweeps as the prediction "
                      "([Note: sweep agreement])")
+    if pooled:
+        lines.append("median lines: the profile against each row's median over that world size's sweeps "
+                     "([Note: pooled sweeps])")
     return "\n".join(lines)

@@ -192,6 +192,38 @@ def test_check_agreement_uses_the_other_sweeps_mean():
     assert [o["picks_within"] for o in out] == [0.75] * 3
 
 
+def test_check_pools_sweeps_into_each_rows_median(tmp_path, capsys):
+    from collectives import calibrate_check as CC
+
+    topo = Topology.local(4, cpus=0)
+    params = M.default_params(topo, "gloo")
+    model = M.CostModel(topo, "gloo", profile=params)
+    pick = model.plan("all_gather", 1 << 22, candidates=("ring", "direct")).algorithm
+    key = ("all_gather", pick, 1 << 22)
+    # the pick's 4 MiB rows at 1x, 2x and 1.1x its price: one sweep misses them, their median (1.1x) does not
+    sweeps = [_sweep(model), _sweep(model, {key: 2.0}), _sweep(model, {key: 1.1})]
+    sweeps[2] = [r for r in sweeps[2] if r["bytes"] != 1 << 18]  # a row some sweeps lack: the median of those that have it
+    pooled = {(r["op"], r["algorithm"], r["bytes"], r["in_place"]): r["time_us"] for r in CC.pooled_rows(sweeps, 1 << 16)}
+    assert len(pooled) == 14
+    want = model.predict("all_gather", 1 << 22, pick) * 1e6
+    assert pooled[(*key, True)] == pytest.approx(1.1 * want)
+    assert pooled[("all_reduce", "ring", 1 << 18, True)] == pytest.approx(model.predict("all_reduce", 1 << 18, "ring") * 1e6)
+
+    profile = tmp_path / "p.json"
+    calibrate.save_profile(profile, params, calibrate.hardware_key(topo, "gloo"), {})
+    paths = []
+    for i, rows in enumerate(sweeps):
+        paths.append(tmp_path / f"s{i}.json")
+        paths[-1].write_text(json.dumps({"header": {"backend": "gloo", "world_size": 4, "machine": "x (0 CPUs)"},
+                                         "rows": rows}))
+    calibrate.main(["check", str(profile), *map(str, paths)])
+    lines = {ln.split("  ")[0]: ln.split() for ln in capsys.readouterr().out.splitlines()}
+    assert lines["s1.json"][1] == f"{12 / 14:.0%}"  # its two 2x rows miss
+    assert lines["median of 3 sweeps, 4 ranks"][-4:] == ["100%", "100%", "14", "4"]
+    calibrate.main(["check", str(profile), *map(str, paths[:2])])  # two sweeps: no median line
+    assert "median of" not in capsys.readouterr().out
+
+
 def test_check_command_prints_each_sweep(tmp_path, capsys):
     topo = Topology.local(4, cpus=0)
     params = M.default_params(topo, "gloo")

@@ -115,9 +115,18 @@ def pools(loaded: list[tuple[dict[str, Any], Any, list[dict[str, Any]]]], min_by
         key = (header.get("backend", "gloo"), topo.world_size, first.get("segment_bytes"),
                bool(first.get("own_block_aside")))
         groups[key].append((topo, rows))
-    return [(f"median of {len(group)} sweeps, {world} ranks" + (", copies aside" if aside else ""), backend,
-             group[-1][0], pooled_rows([rows for _, rows in group], min_bytes))
-            for (backend, world, _, aside), group in groups.items() if len(group) >= 3]
+    return [(f"median of {len(group)} sweeps, {world} ranks" + (f", {_size(seg)} segments" if seg else "")
+             + (", copies aside" if aside else ""), backend, group[-1][0],
+             pooled_rows([rows for _, rows in group], min_bytes))
+            for (backend, world, seg, aside), group in groups.items() if len(group) >= 3]
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            return f"{nbytes:g} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:g} TiB"
 
 
 def agreement(sweeps: list[list[dict[str, Any]]], min_bytes: int) -> list[dict[str, float]]:
@@ -172,6 +181,6 @@ def report(names: list[str], scores: list[dict[str, Any]], agreed: list[dict[str
         lines.append("left of |: the profile; right of |: the mean of the other sweeps as the prediction "
                      "([Note: sweep agreement])")
     if pooled:
-        lines.append("median lines: the profile against each row's median over that world size's sweeps "
+        lines.append("median lines: the profile against each row's median over the sweeps of one world size and executor "
                      "([Note: pooled sweeps])")
     return "\n".join(lines)

@@ -181,6 +181,6 @@ def report(names: list[str], scores: list[dict[str, Any]], agreed: list[dict[str
         lines.append("left of |: the profile; right of |: the mean of the other sweeps as the prediction "
                      "([Note: sweep agreement])")
     if pooled:
-        lines.append("median lines: the profile against each row's median over the sweeps of one world size and executor "
-                     "([Note: pooled sweeps])")
+        lines.append("median lines: the profile against each row's median over the sweeps of one world size "
+                     "and executor ([Note: pooled sweeps])")
     return "\n".join(lines)

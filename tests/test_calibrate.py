@@ -202,12 +202,14 @@ def test_check_pools_sweeps_into_each_rows_median(tmp_path, capsys):
     key = ("all_gather", pick, 1 << 22)
     # the pick's 4 MiB rows at 1x, 2x and 1.1x its price: one sweep misses them, their median (1.1x) does not
     sweeps = [_sweep(model), _sweep(model, {key: 2.0}), _sweep(model, {key: 1.1})]
-    sweeps[2] = [r for r in sweeps[2] if r["bytes"] != 1 << 18]  # a row some sweeps lack: the median of those that have it
-    pooled = {(r["op"], r["algorithm"], r["bytes"], r["in_place"]): r["time_us"] for r in CC.pooled_rows(sweeps, 1 << 16)}
+    sweeps[2] = [r for r in sweeps[2] if r["bytes"] != 1 << 18]  # rows some sweeps lack: their median over the rest
+    pooled = {(r["op"], r["algorithm"], r["bytes"], r["in_place"]): r["time_us"]
+              for r in CC.pooled_rows(sweeps, 1 << 16)}
     assert len(pooled) == 14
     want = model.predict("all_gather", 1 << 22, pick) * 1e6
     assert pooled[(*key, True)] == pytest.approx(1.1 * want)
-    assert pooled[("all_reduce", "ring", 1 << 18, True)] == pytest.approx(model.predict("all_reduce", 1 << 18, "ring") * 1e6)
+    ring = model.predict("all_reduce", 1 << 18, "ring") * 1e6
+    assert pooled[("all_reduce", "ring", 1 << 18, True)] == pytest.approx(ring)
 
     profile = tmp_path / "p.json"
     calibrate.save_profile(profile, params, calibrate.hardware_key(topo, "gloo"), {})

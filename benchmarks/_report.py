@@ -200,6 +200,7 @@ def header(comm, s: Settings, command: str, launcher: str) -> dict[str, Any]:
         "load_average": {"start": load_average()},
         "dtype": str(s.dtype).removeprefix("torch."), "redop": s.red.value, "root": s.root, "iters": s.iters,
         "trials": s.trials, "warmup": s.warmup, "check": s.check, "time": AGGREGATES[s.aggregate], "interleave": bool(s.interleave),
+        "settle_us": s.settle_us if s.interleave else 0,
         "segment_bytes": comm.segment_bytes,  # what the model prices a sweep's transfers in
         "own_block_aside": True,  # own-block copies ran beside the schedule ([Note: own block aside] in execute.py)
         "topology": comm.topology.to_json(),  # what the communicator detected, and priced with

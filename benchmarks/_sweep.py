@@ -45,6 +45,7 @@ class Settings:
     aggregate: int = 3
     interleave: bool | None = None  # None: on CPU ([Note: interleaved timing]), not on GPUs
     trials: int = 1  # timed loops per cell; the median of their means is reported ([Note: trials])
+    settle_us: int = 2000  # interleaved: each rank's pause after each timed call ([Note: interleaved timing])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -149,6 +150,8 @@ def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, i
             run()
             _sync(comm.device)
             total[a][k // s.iters] += time.perf_counter() - t0
+            if s.settle_us:
+                time.sleep(s.settle_us * 1e-6)  # off the clock: keep its cores free for ranks still in the call
     out = {}
     for a, (run, inp, buf) in runs.items():
         time_us = statistics.median(_aggregate(comm, [t / max(1, s.iters) for t in total[a]], s.aggregate)) * 1e6
@@ -173,6 +176,13 @@ def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, i
 # is no such line: the calls after it ran 1.3-1.9x slower. Each call is timed on its own
 # (a host-synchronous call on CPU); on GPUs, where that would add a synchronisation per call, the
 # nccl-tests way (back-to-back calls, one synchronisation) stays the default.
+# A rank that finishes its part of a call early then went straight into the next line-up, and with
+# 4 ranks on 2 cores its work there took cores from the ranks still in the call: after a tree
+# reduce the two leaves run the line-up's first exchange with each other while the root and the
+# inner rank wait to be woken, and those waits grew from tens of us to 250-450 us. Which algorithm
+# of a rooted collective ran fastest at 64-256 KiB then depended on which all-reduce did the lining
+# up. So each rank pauses after each timed call (``settle_us``, 2 ms; off the clock), and the next
+# line-up starts once the ranks still in the call are done with it or nearly.
 
 
 def check(comm, op: BenchOp, run: Callable[[], None], inp: torch.Tensor, out: torch.Tensor, s: Settings) -> int:

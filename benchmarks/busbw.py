@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time reported: " + ", ".join(f"{k}={v}" for k, v in AGGREGATES.items()) + " (default 3)")
     p.add_argument("--interleave", type=int, choices=(0, 1), default=None,
                    help="time the algorithms' calls in turn, each call on its own (default: 1 on CPU, 0 on GPUs)")
+    p.add_argument("--settle-us", type=int, default=2000,
+                   help="interleaved: each rank's pause after each timed call, off the clock (default 2000)")
     p.add_argument("--nproc", type=int, default=4, help="local gloo ranks to start without a launcher (default 4)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck rank fails (default 300)")
     p.add_argument("--json", type=Path, help="write the rows and a header to this JSON file")
@@ -155,15 +157,15 @@ def parse_args(argv: list[str]) -> Options:
     dtype, red = DTYPES[a.datatype], Reduction(a.redop)
     if red is Reduction.AVG and dtype not in FLOAT_DTYPES:
         p.error(f"-o avg needs a floating-point -d, got {a.datatype}")
-    if a.iters < 1 or a.trials < 1 or a.warmup_iters < 0 or a.nproc < 1 or a.root < 0:
-        p.error("-n, --trials and --nproc must be >= 1, -w and -r >= 0")
+    if a.iters < 1 or a.trials < 1 or a.warmup_iters < 0 or a.nproc < 1 or a.root < 0 or a.settle_us < 0:
+        p.error("-n, --trials and --nproc must be >= 1, -w, -r and --settle-us >= 0")
     try:
         sizes = size_range(a.minbytes, a.maxbytes, a.stepfactor, a.stepbytes)
         plan, notes = expand_algorithms(a.algo, ops)
     except ValueError as e:
         p.error(str(e))
     s = Settings(sizes, dtype, red, a.root, a.iters, a.warmup_iters, bool(a.check), a.average,
-                 None if a.interleave is None else bool(a.interleave), a.trials)
+                 None if a.interleave is None else bool(a.interleave), a.trials, a.settle_us)
     return Options(plan, notes, s, a.nproc, a.timeout, a.json, a.plot)
 
 

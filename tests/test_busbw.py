@@ -95,7 +95,8 @@ def test_parse_args_defaults_and_flags():
 
 
 @pytest.mark.parametrize("argv", [["--op", "all_reduce,nope"], ["-o", "avg", "-d", "int32"], ["-n", "0"], ["--trials", "0"],
-                                  ["-b", "1M", "-e", "1K"], ["--algo", "bogus"], ["-d", "complex64"]])
+                                  ["-b", "1M", "-e", "1K"], ["--algo", "bogus"], ["-d", "complex64"],
+                                  ["--settle-us", "-1"]])
 def test_parse_args_rejects_bad_input(argv, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
@@ -252,6 +253,42 @@ def lined_up_calls(comm) -> list[str]:
         _sweep._bound = real_bound
         del comm.all_reduce
     return events
+
+
+def settled_calls(comm) -> tuple[list, float]:
+    """One interleaved measurement of an instant call with a 20 ms settle: what the sweep slept, in order
+    with the calls, and the time it reported (us)."""
+    import time
+    import types
+
+    from benchmarks import _sweep
+
+    events: list = []
+    s = Settings((4096,), torch.float32, Reduction.SUM, iters=2, warmup=0, check=False, trials=1, settle_us=20000)
+    op = AllReduce()
+    lay = op.layout(4096, 4, comm.size)
+    real_bound, real_time = _sweep._bound, _sweep.time
+
+    def sleep(seconds: float) -> None:
+        events.append(seconds)
+        time.sleep(seconds)
+
+    _sweep._bound = lambda *a, **k: ((lambda: events.append("call")), None, None)
+    _sweep.time = types.SimpleNamespace(perf_counter=time.perf_counter, sleep=sleep)
+    try:
+        t = _sweep.measure_interleaved(comm, op, ["ring"], lay, False, s)["ring"].time_us
+    finally:
+        _sweep._bound, _sweep.time = real_bound, real_time
+    return events, t
+
+
+def test_interleaved_calls_settle_off_the_clock(pool):
+    """[Note: interleaved timing]: each rank pauses after each timed call, and the pause is not timed."""
+    for events, t in pool.run(2, "tests.test_busbw:settled_calls"):
+        assert events == ["call", 0.02, "call", 0.02]
+        assert t < 5000  # two instant calls; the 20 ms pauses after them are off the clock
+    assert parse_args([]).settings.settle_us == 2000
+    assert parse_args(["--settle-us", "0"]).settings.settle_us == 0
 
 
 def test_interleaved_calls_start_together(pool):

@@ -10,8 +10,8 @@ Per sweep it reports the two figures a profile is judged by:
 - picks: the share of (op, size) cells where the algorithm the model picks among the measured ones
   ran within 5% of the fastest of them (``pick_cells``; the fit's summary counts them the same way).
 
-With three or more sweeps of one world size it also scores the profile against each row's median over
-them ([Note: pooled sweeps]).
+With three or more sweeps of one world size and executor it also scores the profile against each row's
+median over them ([Note: pooled sweeps]).
 
 [Note: sweep agreement] A measured time is itself a sample: the same cell measured in another
 launch, or another minute, differs by more than any model error on a time-shared CPU, and on GPUs
@@ -25,9 +25,10 @@ scoring near it has no error left that the measurements can show.
 algorithm costs: on the 2-core reference machine a cell's quartiles over ten sweeps lie 10-15% either
 side of its median, so a model that is right about every cell still misses some rows of any one sweep
 by more than 25%, and where two algorithms are within a few percent the faster one changes from sweep
-to sweep. With three or more sweeps of one world size the command therefore also scores the profile
-against one pooled sweep, each row's median time over the sweeps that measured it. That is the figure
-that says whether the model is right about a cell; the per-sweep lines say how far one launch strays.
+to sweep. With three or more sweeps of one world size and executor (segment size, own-block copies
+aside or not) the command therefore also scores the profile against one pooled sweep, each row's
+median time over the sweeps that measured it. That is the figure that says whether the model is
+right about a cell; the per-sweep lines say how far one launch strays.
 Sweeps the profile was fitted on pull the median toward it: pool held-out sweeps only.
 """
 

@@ -10,20 +10,16 @@ slowest rank's median (of ``--trials`` loops back to back, of single calls one a
 - back to back: ``iters`` calls, then one synchronisation (busbw's time);
 - one at a time: each call after a device synchronisation and a barrier, timed to its own end.
 """
-import argparse, json, statistics
+import json, statistics
 import torch
 import collectives as C
 from benchmarks._timing import slowest, timed
+from benchmarks.probes import options
 
-p = argparse.ArgumentParser()
-p.add_argument("--json", default=None)
-p.add_argument("--iters", type=int, default=10)
-p.add_argument("--trials", type=int, default=3)
-p.add_argument("--sizes", default=f"{4 << 20},{64 << 20},{1 << 30}", help="bytes, comma-separated")
-a = p.parse_args()
+a = options(3, (4 << 20, 64 << 20, 1 << 30))
 comm = C.init(timeout=120)
 rows = []
-for nbytes in [int(s) for s in a.sizes.split(",")]:
+for nbytes in a.sizes:
     x = torch.ones(nbytes // 4, device=comm.device)
     for op in ("broadcast", "reduce"):
         for algo in ("ring", "tree"):

@@ -10,11 +10,12 @@ back to back like busbw (``iters`` calls, one synchronisation; the slowest rank'
 A pattern is a list of rounds, each a set of (source, destination) transfers posted as one group;
 "0>1,0>2" is the tree's root sending twice, one send after the other. Needs 4 ranks.
 """
-import argparse, json, statistics
+import json, statistics
 import torch
 import torch.distributed as dist
 import collectives as C
 from benchmarks._timing import slowest, timed
+from benchmarks.probes import options
 
 PATTERNS = {
     "0>1": [[(0, 1)]], "0>2": [[(0, 2)]], "0>3": [[(0, 3)]],
@@ -24,12 +25,7 @@ PATTERNS = {
     "chain": [[(0, 1)], [(1, 2)], [(2, 3)]],
 }
 
-p = argparse.ArgumentParser()
-p.add_argument("--json", default=None)
-p.add_argument("--iters", type=int, default=10)
-p.add_argument("--trials", type=int, default=5)
-p.add_argument("--sizes", default=f"{16 << 20},{64 << 20},{256 << 20}", help="bytes, comma-separated")
-a = p.parse_args()
+a = options(5, (16 << 20, 64 << 20, 256 << 20))
 comm = C.init(timeout=120)
 if comm.size != 4:
     raise SystemExit(f"p2p_patterns: needs 4 ranks, got {comm.size}")
@@ -48,7 +44,7 @@ def pattern(rounds, x: torch.Tensor, y: torch.Tensor):
 
 
 rows = []
-for nbytes in [int(s) for s in a.sizes.split(",")]:
+for nbytes in a.sizes:
     x = torch.ones(nbytes // 4, device=comm.device)
     y = torch.empty_like(x)
     calls = {"our tree broadcast": lambda: comm.broadcast(x, src=0, algorithm="tree"),

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from .__main__ import format_size
 from .model import CostModel
 from .schedule import Collective
 
@@ -116,18 +117,10 @@ def pools(loaded: list[tuple[dict[str, Any], Any, list[dict[str, Any]]]], min_by
         key = (header.get("backend", "gloo"), topo.world_size, first.get("segment_bytes"),
                bool(first.get("own_block_aside")))
         groups[key].append((topo, rows))
-    return [(f"median of {len(group)} sweeps, {world} ranks" + (f", {_size(seg)} segments" if seg else "")
+    return [(f"median of {len(group)} sweeps, {world} ranks" + (f", {format_size(seg)} segments" if seg else "")
              + (", copies aside" if aside else ""), backend, group[-1][0],
              pooled_rows([rows for _, rows in group], min_bytes))
             for (backend, world, seg, aside), group in groups.items() if len(group) >= 3]
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024:
-            return f"{nbytes:g} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:g} TiB"
 
 
 def agreement(sweeps: list[list[dict[str, Any]]], min_bytes: int) -> list[dict[str, float]]:

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import torch
 
-from ._ops import BenchOp, Layout
+from ._ops import BenchOp, Layout, human_size
 from ._sweep import AGGREGATES, AUTO, Measurement, Result, Settings
 
 TYPE_NAMES = {torch.float32: "float", torch.float64: "double", torch.float16: "half", torch.bfloat16: "bfloat16",
@@ -48,13 +48,6 @@ def bandwidths(nbytes: int, time_us: float, factor: float) -> tuple[float, float
     return algbw, algbw * factor
 
 
-def human_size(nbytes: int) -> str:
-    for shift, unit in ((30, "G"), (20, "M"), (10, "K")):
-        if nbytes >= 1 << shift and nbytes % (1 << shift) == 0:
-            return f"{nbytes >> shift}{unit}"
-    return str(nbytes)
-
-
 class Table:
     """nccl-tests blocks, one per (op, algorithm), and a summary per op comparing the algorithms."""
 
@@ -75,7 +68,8 @@ class Table:
         load = header["load_average"]["start"]
         self.print(f"# host {header['hostname']}: {header['cpu_count']} CPUs, load average {load}")
         self.print(f"# nRanks {self.n} minBytes {min(s.sizes)} maxBytes {max(s.sizes)} sizes {len(s.sizes)} "
-                   f"warmup iters: {s.warmup} iters: {s.iters}" + (f" x {s.trials} trials (median)" if s.trials > 1 else "")
+                   f"warmup iters: {s.warmup} iters: {s.iters}" + (f" x {s.trials} trials (median"
+                   + (", one per pass over the sweep)" if s.spread else ")") if s.trials > 1 else "")
                    + f" validation: {int(s.check)} "
                    f"time: {AGGREGATES[s.aggregate]}" + (" (algorithms interleaved)" if s.interleave else ""))
         self.print("#")
@@ -201,6 +195,7 @@ def header(comm, s: Settings, command: str, launcher: str) -> dict[str, Any]:
         "dtype": str(s.dtype).removeprefix("torch."), "redop": s.red.value, "root": s.root, "iters": s.iters,
         "trials": s.trials, "warmup": s.warmup, "check": s.check, "time": AGGREGATES[s.aggregate], "interleave": bool(s.interleave),
         "settle_us": s.settle_us if s.interleave else 0,
+        "spread": bool(s.spread),  # trials taken in passes over the sweep ([Note: spread trials] in _sweep.py)
         "segment_bytes": comm.segment_bytes,  # what the model prices a sweep's transfers in
         "own_block_aside": True,  # own-block copies ran beside the schedule ([Note: own block aside] in execute.py)
         "topology": comm.topology.to_json(),  # what the communicator detected, and priced with

@@ -4,7 +4,8 @@ Timing follows nccl-tests: warm-up calls, a barrier, ``iters`` timed calls,
 the mean per call; every rank times itself and the ranks' means are combined
 (by default the slowest rank's, ``-a 3``) with a native all-reduce. With
 ``trials`` above 1 the timed loop runs that many times and the median of the
-trials' combined means is reported ([Note: trials]). On CUDA the
+trials' combined means is reported ([Note: trials]); where calls are
+interleaved, the trials are passes over the whole sweep ([Note: spread trials]). On CUDA the
 device is synchronised before the clock starts and before it stops, so the
 time covers the kernels and the host work that launches them.
 
@@ -26,7 +27,7 @@ import torch
 
 from collectives.ops import Reduction
 
-from ._ops import BenchOp, Layout, check_input, count_wrong
+from ._ops import BenchOp, Layout, check_input, count_wrong, human_size
 
 AUTO = "auto"
 START_TOGETHER = "halving_doubling"  # the all-reduce that lines ranks up before an interleaved call
@@ -46,6 +47,7 @@ class Settings:
     interleave: bool | None = None  # None: on CPU ([Note: interleaved timing]), not on GPUs
     trials: int = 1  # timed loops per cell; the median of their means is reported ([Note: trials])
     settle_us: int = 2000  # interleaved: each rank's pause after each timed call ([Note: interleaved timing])
+    spread: bool | None = None  # interleaved: trials taken in passes over the sweep ([Note: spread trials]); None: on
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -125,23 +127,19 @@ def measure(comm, op: BenchOp, algorithm: str, lay: Layout, in_place: bool, s: S
     return Measurement(time_us, wrong)
 
 
-def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, in_place: bool,
-                        s: Settings) -> dict[str, Measurement]:
-    """Every algorithm's Measurement at one layout, their timed calls taken in turn ([Note: interleaved
-    timing]): iteration k times one call of each algorithm, in an order shuffled by k, before
-    iteration k + 1 begins."""
-    runs = {a: _bound(comm, op, a, lay, in_place, s) for a in algorithms}
+def _interleaved_means(comm, runs: dict[str, tuple], s: Settings, trials: int, first: int = 0) -> dict[str, list[float]]:
+    """This rank's mean time per call (s) of each algorithm in ``runs``, per trial, their calls taken in turn
+    ([Note: interleaved timing]): iteration k times one call of each, in an order shuffled by ``first + k``."""
     for run, _, _ in runs.values():
         for _ in range(s.warmup):
             run()
     _sync(comm.device)
     comm.barrier()
-    trials = max(1, s.trials)
-    total = {a: [0.0] * trials for a in algorithms}
+    total = {a: [0.0] * trials for a in runs}
     token = torch.zeros(1, device=comm.device)
     for k in range(s.iters * trials):
-        order = list(algorithms)
-        random.Random(k).shuffle(order)  # the same order on every rank
+        order = list(runs)
+        random.Random(first + k).shuffle(order)  # the same order on every rank
         for a in order:
             run = runs[a][0]
             comm.all_reduce(token, algorithm=START_TOGETHER)  # off the clock ([Note: interleaved timing])
@@ -152,11 +150,57 @@ def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, i
             total[a][k // s.iters] += time.perf_counter() - t0
             if s.settle_us:
                 time.sleep(s.settle_us * 1e-6)  # off the clock: keep its cores free for ranks still in the call
+    return {a: [t / s.iters for t in ts] for a, ts in total.items()}
+
+
+def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, in_place: bool,
+                        s: Settings) -> dict[str, Measurement]:
+    """Every algorithm's Measurement at one layout, their timed calls taken in turn ([Note: interleaved
+    timing]): iteration k times one call of each algorithm, in an order shuffled by k, before
+    iteration k + 1 begins."""
+    runs = {a: _bound(comm, op, a, lay, in_place, s) for a in algorithms}
+    means = _interleaved_means(comm, runs, s, max(1, s.trials))
     out = {}
     for a, (run, inp, buf) in runs.items():
-        time_us = statistics.median(_aggregate(comm, [t / max(1, s.iters) for t in total[a]], s.aggregate)) * 1e6
+        time_us = statistics.median(_aggregate(comm, means[a], s.aggregate)) * 1e6
         out[a] = Measurement(time_us, check(comm, op, run, inp, buf, s) if s.check else None)
     return out
+
+
+def run_spread(comm, cells: list[tuple[BenchOp, list[str], int]], s: Settings, progress) -> list[dict[str, Result]]:
+    """run_sizes for every (op, algorithms, bytes) of ``cells``, each cell's trials taken one per pass over
+    all of them ([Note: spread trials]); the check runs in the last pass. ``progress`` has show(text) and
+    step(), called once per cell and pass."""
+    passes = max(1, s.trials)
+    means: dict[tuple[int, bool, str], list[float]] = {}
+    wrong: dict[tuple[int, bool, str], int] = {}
+    for p in range(passes):
+        for i, (op, algorithms, nbytes) in enumerate(cells):
+            lay = op.layout(nbytes, s.dtype.itemsize, comm.size)
+            progress.show(f"pass {p + 1}/{passes}: {op.name} {human_size(nbytes)} {len(algorithms)} algorithms interleaved")
+            for in_place in (False, True) if op.has_in_place else (False,):
+                runs = {a: _bound(comm, op, a, lay, in_place, s) for a in algorithms}
+                for a, m in _interleaved_means(comm, runs, s, 1, first=p * s.iters).items():
+                    means.setdefault((i, in_place, a), []).extend(m)
+                if s.check and p == passes - 1:
+                    for a, (run, inp, buf) in runs.items():
+                        wrong[(i, in_place, a)] = check(comm, op, run, inp, buf, s)
+            progress.step()
+    keys = list(means)
+    combined = iter(_aggregate(comm, [m for k in keys for m in means[k]], s.aggregate))  # one collective
+    times = {k: statistics.median([next(combined) for _ in means[k]]) * 1e6 for k in keys}
+    out = []
+    for i, (op, algorithms, nbytes) in enumerate(cells):
+        lay = op.layout(nbytes, s.dtype.itemsize, comm.size)
+        got = {}
+        for a in algorithms:
+            oop, ip = (Measurement(times[(i, mode, a)], wrong.get((i, mode, a))) if (i, mode, a) in times else None
+                       for mode in (False, True))
+            predicted, chosen = predict(comm, op, a, lay.size, s.dtype)
+            got[a] = Result(lay, oop, ip, predicted, chosen)
+        out.append(got)
+    return out
+
 
 # [Note: interleaved timing]
 # With ranks time-sharing cores (4 ranks on the 2-core reference machine), the same cell measured
@@ -183,6 +227,18 @@ def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, i
 # of a rooted collective ran fastest at 64-256 KiB then depended on which all-reduce did the lining
 # up. So each rank pauses after each timed call (``settle_us``, 2 ms; off the clock), and the next
 # line-up starts once the ranks still in the call are done with it or nearly.
+
+
+# [Note: spread trials]
+# Interleaving gives the algorithms of one cell (op, size) the same moment of the machine; the cells
+# get different moments. On the 2-core reference machine, twelve sweeps of one all-ops command
+# (--trials 5, a cell's trials back to back) put a row 12% from its median over them (the standard
+# deviation of the log ratio). Split in two, the part that moved every algorithm of a cell together
+# (the machine's own speed) deviated 10.5%, and what was left of each row 7%. Neighbouring cells, 10 s apart, moved together (correlation 0.54); cells
+# ten apart, a minute and a half, barely (0.21); fifteen apart, not at all (0.07). So where calls are
+# interleaved the sweep takes its trials in passes: pass p runs trial p of every cell (warm-up calls,
+# then -n interleaved calls) before pass p + 1 begins, and a cell's median trial draws on --trials
+# moments minutes apart rather than one. The tables print once every pass is done.
 
 
 def check(comm, op: BenchOp, run: Callable[[], None], inp: torch.Tensor, out: torch.Tensor, s: Settings) -> int:

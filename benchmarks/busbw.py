@@ -38,8 +38,8 @@ from collectives import algorithms
 from collectives.schedule import Collective
 
 from . import _report
-from ._ops import OPS, BenchOp
-from ._sweep import AGGREGATES, AUTO, Result, Settings, run_size, run_sizes
+from ._ops import OPS, BenchOp, human_size
+from ._sweep import AGGREGATES, AUTO, Result, Settings, run_size, run_sizes, run_spread
 
 DTYPES = {"float": torch.float32, "float32": torch.float32, "fp32": torch.float32,
           "double": torch.float64, "float64": torch.float64, "fp64": torch.float64,
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time the algorithms' calls in turn, each call on its own (default: 1 on CPU, 0 on GPUs)")
     p.add_argument("--settle-us", type=int, default=2000,
                    help="interleaved: each rank's pause after each timed call, off the clock (default 2000)")
+    p.add_argument("--spread", type=int, choices=(0, 1), default=None,
+                   help="interleaved: take the --trials in passes over the whole sweep, one per cell each pass "
+                        "(default 1 where interleaved)")
     p.add_argument("--nproc", type=int, default=4, help="local gloo ranks to start without a launcher (default 4)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck rank fails (default 300)")
     p.add_argument("--json", type=Path, help="write the rows and a header to this JSON file")
@@ -159,13 +162,16 @@ def parse_args(argv: list[str]) -> Options:
         p.error(f"-o avg needs a floating-point -d, got {a.datatype}")
     if a.iters < 1 or a.trials < 1 or a.warmup_iters < 0 or a.nproc < 1 or a.root < 0 or a.settle_us < 0:
         p.error("-n, --trials and --nproc must be >= 1, -w, -r and --settle-us >= 0")
+    if a.spread and a.interleave == 0:
+        p.error("--spread 1 takes interleaved trials; it cannot go with --interleave 0")
     try:
         sizes = size_range(a.minbytes, a.maxbytes, a.stepfactor, a.stepbytes)
         plan, notes = expand_algorithms(a.algo, ops)
     except ValueError as e:
         p.error(str(e))
     s = Settings(sizes, dtype, red, a.root, a.iters, a.warmup_iters, bool(a.check), a.average,
-                 None if a.interleave is None else bool(a.interleave), a.trials, a.settle_us)
+                 None if a.interleave is None else bool(a.interleave), a.trials, a.settle_us,
+                 None if a.spread is None else bool(a.spread))
     return Options(plan, notes, s, a.nproc, a.timeout, a.json, a.plot)
 
 
@@ -210,6 +216,10 @@ def sweep(comm, opts: Options) -> int:
     s = opts.settings
     if s.interleave is None:
         s = dataclasses.replace(s, interleave=comm.device.type == "cpu")
+    if s.spread is None:
+        s = dataclasses.replace(s, spread=s.interleave)
+    if s.spread and not s.interleave:
+        raise SystemExit("--spread 1 takes interleaved trials; this device times calls back to back (--interleave 1)")
     lead = comm.rank == 0
     if s.root >= comm.size:
         raise SystemExit(f"-r: root {s.root} is out of range for {comm.size} ranks")
@@ -222,6 +232,12 @@ def sweep(comm, opts: Options) -> int:
         for note in opts.notes:
             table.print(f"# skipped: {note}")
     progress = _Progress(sum(len(a) for a in opts.plan.values()) * len(s.sizes), lead)
+    spread = {}
+    if s.spread:  # every cell measured before any is reported ([Note: spread trials] in _sweep.py)
+        cells = [(OPS[name], algos, nbytes) for name, algos in opts.plan.items() for nbytes in s.sizes]
+        progress.total = len(cells) * max(1, s.trials)
+        spread = dict(zip(((op.name, nbytes) for op, _, nbytes in cells), run_spread(comm, cells, s, progress)))
+        progress.close()
     rows: list[dict] = []
     wrong = 0
     for name, algos in opts.plan.items():
@@ -230,14 +246,18 @@ def sweep(comm, opts: Options) -> int:
         # Sizes outside, algorithms inside: the algorithms compared at one size are measured moments apart
         # (call by call where interleaved).
         for nbytes in s.sizes:
+            if s.spread:
+                for algorithm, result in spread[(name, nbytes)].items():
+                    blocks[algorithm].append(result)
+                continue
             if s.interleave:
-                progress.show(f"{name} {_report.human_size(nbytes)} {len(algos)} algorithms interleaved")
+                progress.show(f"{name} {human_size(nbytes)} {len(algos)} algorithms interleaved")
                 for algorithm, result in run_sizes(comm, op, algos, nbytes, s).items():
                     blocks[algorithm].append(result)
                     progress.step()
                 continue
             for algorithm in algos:
-                progress.show(f"{name} {_report.human_size(nbytes)} {algorithm}")
+                progress.show(f"{name} {human_size(nbytes)} {algorithm}")
                 blocks[algorithm].append(run_size(comm, op, algorithm, nbytes, s))
                 progress.step()
         progress.close()

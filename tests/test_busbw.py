@@ -96,7 +96,7 @@ def test_parse_args_defaults_and_flags():
 
 @pytest.mark.parametrize("argv", [["--op", "all_reduce,nope"], ["-o", "avg", "-d", "int32"], ["-n", "0"], ["--trials", "0"],
                                   ["-b", "1M", "-e", "1K"], ["--algo", "bogus"], ["-d", "complex64"],
-                                  ["--settle-us", "-1"]])
+                                  ["--settle-us", "-1"], ["--spread", "1", "--interleave", "0"]])
 def test_parse_args_rejects_bad_input(argv, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
@@ -299,6 +299,65 @@ def test_interleaved_calls_start_together(pool):
         assert sorted(events[1::2]) == ["direct"] * 6 + ["ring"] * 6
 
 
+def spread_passes(comm) -> tuple[list[str], dict, int]:
+    """run_spread over two cells (4 and 8 KiB) of an instant call, the first cell's out-of-place call
+    stalling 20 ms in the second pass: the calls and checks in order, each (cell, mode)'s reported time
+    in us and check count, and the progress steps."""
+    import time
+    import types
+
+    from benchmarks import _sweep
+
+    events: list[str] = []
+    bound = {"n": 0}
+    s = Settings((4096, 8192), torch.float32, Reduction.SUM, iters=2, warmup=0, check=True, trials=3, settle_us=0)
+    op = AllReduce()
+
+    def fake_bound(c, o, algorithm, lay, in_place, settings):
+        name = f"{lay.size // 1024}K-{'ip' if in_place else 'oop'}"
+        bound["n"] += 1
+        stall = name == "4K-oop" and bound["n"] == 5  # the first cell's out-of-place call, second pass
+
+        def run() -> None:
+            events.append(name)
+            if stall:
+                time.sleep(0.02)
+        return run, name, None
+
+    def fake_check(c, o, run, inp, out, settings) -> int:
+        events.append(f"check {inp}")
+        return 7
+
+    progress = types.SimpleNamespace(steps=0, show=lambda text: None)
+    progress.step = lambda: setattr(progress, "steps", progress.steps + 1)
+    real = _sweep._bound, _sweep.check
+    _sweep._bound, _sweep.check = fake_bound, fake_check
+    try:
+        got = _sweep.run_spread(comm, [(op, ["ring"], 4096), (op, ["ring"], 8192)], s, progress)
+    finally:
+        _sweep._bound, _sweep.check = real
+    times = {f"{r.layout.size // 1024}K": [(m.time_us, m.wrong) for m in (r.out_of_place, r.in_place)]
+             for cell in got for r in cell.values()}
+    return events, times, progress.steps
+
+
+def test_spread_trials_take_one_trial_per_cell_each_pass(pool):
+    """[Note: spread trials]: pass p times trial p of every cell before pass p + 1 begins; a cell reports
+    its median trial; the check runs once per cell and mode, in the last pass."""
+    for events, times, steps in pool.run(2, "tests.test_busbw:spread_passes"):
+        one_pass = ["4K-oop"] * 2 + ["4K-ip"] * 2 + ["8K-oop"] * 2 + ["8K-ip"] * 2
+        last = ["4K-oop"] * 2 + ["check 4K-oop"] + ["4K-ip"] * 2 + ["check 4K-ip"] + \
+            ["8K-oop"] * 2 + ["check 8K-oop"] + ["8K-ip"] * 2 + ["check 8K-ip"]
+        assert events == one_pass * 2 + last
+        assert steps == 2 * 3  # cells x passes
+        assert set(times) == {"4K", "8K"}
+        for cell in times.values():
+            for time_us, wrong in cell:
+                assert time_us < 10000 and wrong == 7  # the stalled pass is not the median
+    assert parse_args([]).settings.spread is None  # on where interleaved
+    assert parse_args(["--spread", "0"]).settings.spread is False
+
+
 @pytest.mark.parametrize("interleave", [False, True])
 def test_trials_report_the_median_loop(pool, interleave):
     """--trials: a stall confined to one loop of -n calls moves the mean of one loop, not the median of three."""
@@ -344,7 +403,7 @@ def test_tiny_sweep_with_nproc_writes_json_and_plot(tmp_path):
     for k in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_PROCID"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "benchmarks.busbw", "--op", "all_reduce,reduce_scatter", "--algo", "all",
-           "-b", "1K", "-e", "4K", "-f", "4", "-n", "2", "-w", "1", "--nproc", "2", "--timeout", "60",
+           "-b", "1K", "-e", "4K", "-f", "4", "-n", "2", "-w", "1", "--trials", "2", "--nproc", "2", "--timeout", "60",
            "--json", str(out), "--plot", str(png)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -353,6 +412,7 @@ def test_tiny_sweep_with_nproc_writes_json_and_plot(tmp_path):
     doc = json.loads(out.read_text())
     h = doc["header"]
     assert h["world_size"] == 2 and h["backend"] == "gloo" and h["torch"] == torch.__version__
+    assert h["interleave"] and h["spread"] and h["trials"] == 2  # on CPU: trials in passes over the sweep
     assert {"hostname", "cpu", "date", "command", "nccl"} <= set(h)
     rows = doc["rows"]
     # rows of pipelined algorithms carry the depth they ran at (calibration fits only those)

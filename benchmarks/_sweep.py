@@ -108,12 +108,12 @@ def _bound(comm, op: BenchOp, algorithm: str, lay: Layout, in_place: bool,
     return op.bind(comm, inp, out, algorithm, s.red, s.root), inp, out
 
 
-def measure(comm, op: BenchOp, algorithm: str, lay: Layout, in_place: bool, s: Settings) -> Measurement:
-    run, inp, out = _bound(comm, op, algorithm, lay, in_place, s)
+def _loop_means(comm, run: Callable[[], None], s: Settings, trials: int) -> list[float]:
+    """This rank's mean time per call (s) of ``trials`` loops of ``s.iters`` back-to-back calls, after the warm-up."""
     for _ in range(s.warmup):
         run()
     means = []
-    for _ in range(max(1, s.trials)):
+    for _ in range(trials):
         _sync(comm.device)
         comm.barrier()
         _sync(comm.device)
@@ -122,6 +122,12 @@ def measure(comm, op: BenchOp, algorithm: str, lay: Layout, in_place: bool, s: S
             run()
         _sync(comm.device)
         means.append((time.perf_counter() - t0) / max(1, s.iters))
+    return means
+
+
+def measure(comm, op: BenchOp, algorithm: str, lay: Layout, in_place: bool, s: Settings) -> Measurement:
+    run, inp, out = _bound(comm, op, algorithm, lay, in_place, s)
+    means = _loop_means(comm, run, s, max(1, s.trials))
     time_us = statistics.median(_aggregate(comm, means, s.aggregate)) * 1e6
     wrong = check(comm, op, run, inp, out, s) if s.check else None
     return Measurement(time_us, wrong)
@@ -168,8 +174,9 @@ def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, i
 
 
 def run_spread(comm, cells: list[tuple[BenchOp, list[str], int]], s: Settings, progress) -> list[dict[str, Result]]:
-    """run_sizes for every (op, algorithms, bytes) of ``cells``, each cell's trials taken one per pass over
-    all of them ([Note: spread trials]); the check runs in the last pass. ``progress`` has show(text) and
+    """run_sizes (run_size for each algorithm where not interleaved) for every (op, algorithms, bytes) of
+    ``cells``, each cell's trials taken one per pass over all of them ([Note: spread trials]); the check
+    runs in the last pass. ``progress`` has show(text) and
     step(), called once per cell and pass."""
     passes = max(1, s.trials)
     means: dict[tuple[int, bool, str], list[float]] = {}
@@ -179,11 +186,16 @@ def run_spread(comm, cells: list[tuple[BenchOp, list[str], int]], s: Settings, p
             lay = op.layout(nbytes, s.dtype.itemsize, comm.size)
             progress.show(f"pass {p + 1}/{passes}: {op.name} {human_size(nbytes)} {len(algorithms)} algorithms interleaved")
             for in_place in (False, True) if op.has_in_place else (False,):
-                runs = {a: _bound(comm, op, a, lay, in_place, s) for a in algorithms}
-                for a, m in _interleaved_means(comm, runs, s, 1, first=p * s.iters).items():
-                    means.setdefault((i, in_place, a), []).extend(m)
-                if s.check and p == passes - 1:
-                    for a, (run, inp, buf) in runs.items():
+                if s.interleave:
+                    runs = {a: _bound(comm, op, a, lay, in_place, s) for a in algorithms}
+                    for a, m in _interleaved_means(comm, runs, s, 1, first=p * s.iters).items():
+                        means.setdefault((i, in_place, a), []).extend(m)
+                for a in algorithms:
+                    if not s.interleave:  # one algorithm's buffers at a time, as run_size holds them
+                        runs = {a: _bound(comm, op, a, lay, in_place, s)}
+                        means.setdefault((i, in_place, a), []).extend(_loop_means(comm, runs[a][0], s, 1))
+                    if s.check and p == passes - 1:
+                        run, inp, buf = runs[a]
                         wrong[(i, in_place, a)] = check(comm, op, run, inp, buf, s)
             progress.step()
     keys = list(means)

@@ -96,7 +96,7 @@ def test_parse_args_defaults_and_flags():
 
 @pytest.mark.parametrize("argv", [["--op", "all_reduce,nope"], ["-o", "avg", "-d", "int32"], ["-n", "0"], ["--trials", "0"],
                                   ["-b", "1M", "-e", "1K"], ["--algo", "bogus"], ["-d", "complex64"],
-                                  ["--settle-us", "-1"], ["--spread", "1", "--interleave", "0"]])
+                                  ["--settle-us", "-1"]])
 def test_parse_args_rejects_bad_input(argv, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
@@ -299,7 +299,7 @@ def test_interleaved_calls_start_together(pool):
         assert sorted(events[1::2]) == ["direct"] * 6 + ["ring"] * 6
 
 
-def spread_passes(comm) -> tuple[list[str], dict, int]:
+def spread_passes(comm, interleave: bool) -> tuple[list[str], dict, int]:
     """run_spread over two cells (4 and 8 KiB) of an instant call, the first cell's out-of-place call
     stalling 20 ms in the second pass: the calls and checks in order, each (cell, mode)'s reported time
     in us and check count, and the progress steps."""
@@ -310,7 +310,8 @@ def spread_passes(comm) -> tuple[list[str], dict, int]:
 
     events: list[str] = []
     bound = {"n": 0}
-    s = Settings((4096, 8192), torch.float32, Reduction.SUM, iters=2, warmup=0, check=True, trials=3, settle_us=0)
+    s = Settings((4096, 8192), torch.float32, Reduction.SUM, iters=2, warmup=0, check=True, trials=3, settle_us=0,
+                 interleave=interleave)
     op = AllReduce()
 
     def fake_bound(c, o, algorithm, lay, in_place, settings):
@@ -341,10 +342,11 @@ def spread_passes(comm) -> tuple[list[str], dict, int]:
     return events, times, progress.steps
 
 
-def test_spread_trials_take_one_trial_per_cell_each_pass(pool):
+@pytest.mark.parametrize("interleave", [True, False])
+def test_spread_trials_take_one_trial_per_cell_each_pass(pool, interleave):
     """[Note: spread trials]: pass p times trial p of every cell before pass p + 1 begins; a cell reports
     its median trial; the check runs once per cell and mode, in the last pass."""
-    for events, times, steps in pool.run(2, "tests.test_busbw:spread_passes"):
+    for events, times, steps in pool.run(2, "tests.test_busbw:spread_passes", interleave):
         one_pass = ["4K-oop"] * 2 + ["4K-ip"] * 2 + ["8K-oop"] * 2 + ["8K-ip"] * 2
         last = ["4K-oop"] * 2 + ["check 4K-oop"] + ["4K-ip"] * 2 + ["check 4K-ip"] + \
             ["8K-oop"] * 2 + ["check 8K-oop"] + ["8K-ip"] * 2 + ["check 8K-ip"]

@@ -47,7 +47,7 @@ class Settings:
     interleave: bool | None = None  # None: on CPU ([Note: interleaved timing]), not on GPUs
     trials: int = 1  # timed loops per cell; the median of their means is reported ([Note: trials])
     settle_us: int = 2000  # interleaved: each rank's pause after each timed call ([Note: interleaved timing])
-    spread: bool | None = None  # interleaved: trials taken in passes over the sweep ([Note: spread trials]); None: on
+    spread: bool | None = None  # trials in passes over the sweep ([Note: spread trials]); None: where interleaved
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -133,9 +133,11 @@ def measure(comm, op: BenchOp, algorithm: str, lay: Layout, in_place: bool, s: S
     return Measurement(time_us, wrong)
 
 
-def _interleaved_means(comm, runs: dict[str, tuple], s: Settings, trials: int, first: int = 0) -> dict[str, list[float]]:
-    """This rank's mean time per call (s) of each algorithm in ``runs``, per trial, their calls taken in turn
-    ([Note: interleaved timing]): iteration k times one call of each, in an order shuffled by ``first + k``."""
+def _interleaved_means(comm, runs: dict[str, tuple], s: Settings, trials: int,
+                       first: int = 0) -> dict[str, list[float]]:
+    """This rank's mean time per call (s) of each algorithm in ``runs``, per trial, their calls taken in
+    turn ([Note: interleaved timing]): iteration k times one call of each, in an order shuffled by
+    ``first + k``."""
     for run, _, _ in runs.values():
         for _ in range(s.warmup):
             run()
@@ -176,15 +178,15 @@ def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, i
 def run_spread(comm, cells: list[tuple[BenchOp, list[str], int]], s: Settings, progress) -> list[dict[str, Result]]:
     """run_sizes (run_size for each algorithm where not interleaved) for every (op, algorithms, bytes) of
     ``cells``, each cell's trials taken one per pass over all of them ([Note: spread trials]); the check
-    runs in the last pass. ``progress`` has show(text) and
-    step(), called once per cell and pass."""
+    runs in the last pass. ``progress`` has show(text) and step(), called once per cell and pass."""
     passes = max(1, s.trials)
     means: dict[tuple[int, bool, str], list[float]] = {}
     wrong: dict[tuple[int, bool, str], int] = {}
     for p in range(passes):
         for i, (op, algorithms, nbytes) in enumerate(cells):
             lay = op.layout(nbytes, s.dtype.itemsize, comm.size)
-            progress.show(f"pass {p + 1}/{passes}: {op.name} {human_size(nbytes)} {len(algorithms)} algorithms interleaved")
+            how = "interleaved" if s.interleave else "in turn"
+            progress.show(f"pass {p + 1}/{passes}: {op.name} {human_size(nbytes)} {len(algorithms)} algorithms {how}")
             for in_place in (False, True) if op.has_in_place else (False,):
                 if s.interleave:
                     runs = {a: _bound(comm, op, a, lay, in_place, s) for a in algorithms}
@@ -243,14 +245,18 @@ def run_spread(comm, cells: list[tuple[BenchOp, list[str], int]], s: Settings, p
 
 # [Note: spread trials]
 # Interleaving gives the algorithms of one cell (op, size) the same moment of the machine; the cells
-# get different moments. On the 2-core reference machine, twelve sweeps of one all-ops command
-# (--trials 5, a cell's trials back to back) put a row 12% from its median over them (the standard
+# get different moments. On the 2-core reference machine, eight sweeps of one all-ops command
+# (--trials 5, a cell's trials back to back) put a row 11.9% from its median over them (the standard
 # deviation of the log ratio). Split in two, the part that moved every algorithm of a cell together
-# (the machine's own speed) deviated 10.5%, and what was left of each row 7%. Neighbouring cells, 10 s apart, moved together (correlation 0.54); cells
-# ten apart, a minute and a half, barely (0.21); fifteen apart, not at all (0.07). So where calls are
-# interleaved the sweep takes its trials in passes: pass p runs trial p of every cell (warm-up calls,
-# then -n interleaved calls) before pass p + 1 begins, and a cell's median trial draws on --trials
-# moments minutes apart rather than one. The tables print once every pass is done.
+# (the machine's own speed) deviated 10.4%, and what was left of each row 6.9%. Neighbouring cells,
+# 10 s apart, moved together (correlation 0.54); cells ten apart, a minute and a half, barely (0.21);
+# fifteen apart, not at all (0.07). So the sweep can take its trials in passes: pass p runs trial p of
+# every cell (warm-up calls, then -n calls) before pass p + 1 begins, and a cell's median trial draws
+# on --trials moments minutes apart rather than one. Eight sweeps taken so: 9.4% from the median, the
+# cell part 7.9% and the row part 5.8%; 27 of their 1,200 rows lay over 25% from it, against 79
+# (benchmarks/results/cpu-gloo-4rank.md). It is the default where calls are interleaved (CPU). On 4 x
+# H200, three calm launches each way gave mixed results, and back-to-back trials stay the default there
+# (gpu-h200x4-2026-11-27-costmodel.md). The tables print once every pass is done.
 
 
 def check(comm, op: BenchOp, run: Callable[[], None], inp: torch.Tensor, out: torch.Tensor, s: Settings) -> int:

@@ -47,7 +47,7 @@ class Settings:
     interleave: bool | None = None  # None: on CPU ([Note: interleaved timing]), not on GPUs
     trials: int = 1  # timed loops per cell; the median of their means is reported ([Note: trials])
     settle_us: int = 2000  # interleaved: each rank's pause after each timed call ([Note: interleaved timing])
-    spread: bool | None = None  # trials in passes over the sweep ([Note: spread trials]); None: where interleaved
+    spread: bool | None = None  # trials in passes over the sweep ([Note: spread trials]); None: interleaved, trials > 1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -254,9 +254,10 @@ def run_spread(comm, cells: list[tuple[BenchOp, list[str], int]], s: Settings, p
 # every cell (warm-up calls, then -n calls) before pass p + 1 begins, and a cell's median trial draws
 # on --trials moments minutes apart rather than one. Eight sweeps taken so: 9.4% from the median, the
 # cell part 7.9% and the row part 5.8%; 27 of their 1,200 rows lay over 25% from it, against 79
-# (benchmarks/results/cpu-gloo-4rank.md). It is the default where calls are interleaved (CPU). On 4 x
-# H200, three calm launches each way gave mixed results, and back-to-back trials stay the default there
-# (gpu-h200x4-2026-11-27-costmodel.md). The tables print once every pass is done.
+# (benchmarks/results/cpu-gloo-4rank.md). It is the default where calls are interleaved (CPU) and
+# --trials is above 1; the tables then print once every pass is done. On 4 x H200, three calm launches
+# each way gave mixed results, and back-to-back trials stay the default there
+# (gpu-h200x4-2026-11-27-costmodel.md).
 
 
 def check(comm, op: BenchOp, run: Callable[[], None], inp: torch.Tensor, out: torch.Tensor, s: Settings) -> int:

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved: each rank's pause after each timed call, off the clock (default 2000)")
     p.add_argument("--spread", type=int, choices=(0, 1), default=None,
                    help="take the --trials in passes over the whole sweep, one loop of every cell per pass "
-                        "(default 1 where interleaved)")
+                        "(default 1 where interleaved with --trials above 1)")
     p.add_argument("--nproc", type=int, default=4, help="local gloo ranks to start without a launcher (default 4)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck rank fails (default 300)")
     p.add_argument("--json", type=Path, help="write the rows and a header to this JSON file")
@@ -215,7 +215,7 @@ def sweep(comm, opts: Options) -> int:
     if s.interleave is None:
         s = dataclasses.replace(s, interleave=comm.device.type == "cpu")
     if s.spread is None:
-        s = dataclasses.replace(s, spread=s.interleave)
+        s = dataclasses.replace(s, spread=bool(s.interleave) and s.trials > 1)  # one pass: print as measured
     lead = comm.rank == 0
     if s.root >= comm.size:
         raise SystemExit(f"-r: root {s.root} is out of range for {comm.size} ranks")

@@ -356,7 +356,7 @@ def test_spread_trials_take_one_trial_per_cell_each_pass(pool, interleave):
         for cell in times.values():
             for time_us, wrong in cell:
                 assert time_us < 10000 and wrong == 7  # the stalled pass is not the median
-    assert parse_args([]).settings.spread is None  # on where interleaved
+    assert parse_args([]).settings.spread is None  # on where interleaved with more than one trial
     assert parse_args(["--spread", "0"]).settings.spread is False
 
 

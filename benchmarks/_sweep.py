@@ -255,8 +255,8 @@ def run_spread(comm, cells: list[tuple[BenchOp, list[str], int]], s: Settings, p
 # on --trials moments minutes apart rather than one. Eight sweeps taken so: 9.4% from the median, the
 # cell part 7.9% and the row part 5.8%; 27 of their 1,200 rows lay over 25% from it, against 79
 # (benchmarks/results/cpu-gloo-4rank.md). It is the default where calls are interleaved (CPU) and
-# --trials is above 1; the tables then print once every pass is done. On 4 x H200, three calm launches
-# each way gave mixed results, and back-to-back trials stay the default there
+# --trials is above 1; the tables then print once every pass is done. On 4 x H200, three launches each
+# way gave mixed results, and back-to-back trials stay the default there
 # (gpu-h200x4-2026-11-27-costmodel.md).
 
 

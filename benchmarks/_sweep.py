@@ -245,15 +245,15 @@ def run_spread(comm, cells: list[tuple[BenchOp, list[str], int]], s: Settings, p
 
 # [Note: spread trials]
 # Interleaving gives the algorithms of one cell (op, size) the same moment of the machine; the cells
-# get different moments. On the 2-core reference machine, eight sweeps of one all-ops command
-# (--trials 5, a cell's trials back to back) put a row 11.9% from its median over them (the standard
+# get different moments. On the 2-core reference machine, twelve sweeps of one all-ops command
+# (--trials 5, a cell's trials back to back) put a row 12.0% from its median over them (the standard
 # deviation of the log ratio). Split in two, the part that moved every algorithm of a cell together
-# (the machine's own speed) deviated 10.4%, and what was left of each row 6.9%. Neighbouring cells,
+# (the machine's own speed) deviated 10.5%, and what was left of each row 7.2%. Neighbouring cells,
 # 10 s apart, moved together (correlation 0.54); cells ten apart, a minute and a half, barely (0.21);
 # fifteen apart, not at all (0.07). So the sweep can take its trials in passes: pass p runs trial p of
 # every cell (warm-up calls, then -n calls) before pass p + 1 begins, and a cell's median trial draws
-# on --trials moments minutes apart rather than one. Eight sweeps taken so: 9.4% from the median, the
-# cell part 7.9% and the row part 5.8%; 27 of their 1,200 rows lay over 25% from it, against 79
+# on --trials moments minutes apart rather than one. Twelve sweeps taken so: 9.0% from their median,
+# the cell part 7.3% and the row part 5.8%; 38 of their 1,800 rows lay over 25% from it, against 117
 # (benchmarks/results/cpu-gloo-4rank.md). It is the default where calls are interleaved (CPU) and
 # --trials is above 1; the tables then print once every pass is done. On 4 x H200, three launches each
 # way gave mixed results, and back-to-back trials stay the default there

@@ -30,6 +30,13 @@ aside or not) the command therefore also scores the profile against one pooled s
 median time over the sweeps that measured it. That is the figure that says whether the model is
 right about a cell; the per-sweep lines say how far one launch strays.
 Sweeps the profile was fitted on pull the median toward it: pool held-out sweeps only.
+
+[Note: sweep level] Each line also gives the sweep's level, its median row's predicted / measured.
+A machine's speed can drift as a whole between sweeps: on the 2-core reference machine, over
+twenty-four sweeps taken in three hours, the level ranged 0.89-1.13 under one profile. Where a
+sweep's misses all lie on one side and its level is far from 1, the machine ran at another speed
+throughout than in the sweeps the profile was fitted on; misses on both sides, at a level near 1,
+are the model's (benchmarks/results/cpu-gloo-4rank.md, "Trials spread over the sweep").
 """
 
 from __future__ import annotations
@@ -91,6 +98,7 @@ def score(model: CostModel, rows: list[dict[str, Any]], min_bytes: int) -> dict[
     cells = pick_cells(model, rows, min_bytes)
     missed = [c for c in cells if c[3] > 1 + PICK_TOLERANCE]
     return {"rows": len(ratios), "rows_within": _share([row_within(q) for q in ratios.values()]),
+            "level": float(np.median(list(ratios.values()))) if ratios else float("nan"),  # [Note: sweep level]
             "cells": len(cells), "picks_within": 1 - len(missed) / len(cells) if cells else float("nan"),
             "row_misses": {k: q for k, q in ratios.items() if not row_within(q)}, "pick_misses": missed}
 
@@ -156,13 +164,14 @@ def report(names: list[str], scores: list[dict[str, Any]], agreed: list[dict[str
     """The check's table (and, verbose, each sweep's misses); the last ``pooled`` entries score pooled sweeps
     ([Note: pooled sweeps]), which have no agreement figures."""
     width = max(len(n) for n in names + ["sweep"])
-    head = f"{'sweep':{width}s}  {'rows':>6s} {'picks':>6s}  {'of rows':>7s} {'cells':>5s}"
+    head = f"{'sweep':{width}s}  {'rows':>6s} {'picks':>6s}  {'of rows':>7s} {'cells':>5s} {'level':>5s}"
     if agreed:
         head += f"  | {'rows':>6s} {'picks':>6s}"
     lines = [f"rows: predicted within {ROW_TOLERANCE:.0%} of measured; picks: the pick ran within "
              f"{PICK_TOLERANCE:.0%} of the best measured", head]
     for i, (name, s) in enumerate(zip(names, scores)):
-        line = f"{name:{width}s}  {_pct(s['rows_within'])} {_pct(s['picks_within'])}  {s['rows']:7d} {s['cells']:5d}"
+        line = (f"{name:{width}s}  {_pct(s['rows_within'])} {_pct(s['picks_within'])}  {s['rows']:7d} {s['cells']:5d}"
+                f" {s['level']:5.2f}")
         if agreed and i < len(agreed):
             line += f"  | {_pct(agreed[i]['rows_within'])} {_pct(agreed[i]['picks_within'])}"
         lines.append(line)
@@ -171,6 +180,7 @@ def report(names: list[str], scores: list[dict[str, Any]], agreed: list[dict[str
                       f"predicted/measured {q:.2f}" for (op, algo, nbytes, ip), q in sorted(s["row_misses"].items())]
             lines += [f"    pick {op} {nbytes}: {pick} ran {slow:.2f}x the best"
                       for op, nbytes, pick, slow in s["pick_misses"]]
+    lines.append("level: the median row's predicted / measured ([Note: sweep level])")
     if agreed:
         lines.append("left of |: the profile; right of |: the mean of the other sweeps as the prediction "
                      "([Note: sweep agreement])")

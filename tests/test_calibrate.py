@@ -161,6 +161,10 @@ def test_check_scores_rows_and_picks_against_the_measurements():
     # 2 sizes x (3 all-reduce algorithms in place; 2 all-gather algorithms x 2 modes): the 4 KiB rows and
     # the out-of-place all-reduce rows (they time a copy too, here 3x slower) don't count
     assert (exact["rows"], exact["rows_within"], exact["cells"], exact["picks_within"]) == (14, 1.0, 4, 1.0)
+    assert exact["level"] == pytest.approx(1.0)
+    # [Note: sweep level]: a machine 20% slower throughout misses no row and no pick, at a level of 1 / 1.2
+    slow = CC.score(model, [{**r, "time_us": 1.2 * r["time_us"]} for r in _sweep(model)], min_bytes=1 << 16)
+    assert (slow["rows_within"], slow["picks_within"], slow["level"]) == (1.0, 1.0, pytest.approx(1 / 1.2))
     pick = model.plan("all_gather", 1 << 22, candidates=("ring", "direct")).algorithm
     other = ({"ring", "direct"} - {pick}).pop()
     t_pick, t_other = (model.predict("all_gather", 1 << 22, a) for a in (pick, other))
@@ -168,6 +172,7 @@ def test_check_scores_rows_and_picks_against_the_measurements():
     off = CC.score(model, _sweep(model, {("all_gather", pick, 1 << 22): 2 * t_other / t_pick}), min_bytes=1 << 16)
     assert set(off["row_misses"]) == {("all_gather", pick, 1 << 22, ip) for ip in (False, True)}
     assert off["rows_within"] == pytest.approx(12 / 14)
+    assert off["level"] == pytest.approx(1.0)  # two rows of fourteen move no median
     assert off["picks_within"] == 0.75
     assert off["pick_misses"] == [("all_gather", 1 << 22, pick, pytest.approx(2.0))]
 
@@ -221,7 +226,8 @@ def test_check_pools_sweeps_into_each_rows_median(tmp_path, capsys):
     calibrate.main(["check", str(profile), *map(str, paths)])
     lines = {ln.split("  ")[0]: ln.split() for ln in capsys.readouterr().out.splitlines()}
     assert lines["s1.json"][1] == f"{12 / 14:.0%}"  # its two 2x rows miss
-    assert lines["median of 3 sweeps, 4 ranks"][-4:] == ["100%", "100%", "14", "4"]
+    assert lines["s1.json"][3:6] == ["14", "4", "1.00"]  # two rows of fourteen move no median
+    assert lines["median of 3 sweeps, 4 ranks"][-5:] == ["100%", "100%", "14", "4", "1.00"]
     calibrate.main(["check", str(profile), *map(str, paths[:2])])  # two sweeps: no median line
     assert "median of" not in capsys.readouterr().out
 

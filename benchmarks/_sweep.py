@@ -255,9 +255,9 @@ def run_spread(comm, cells: list[tuple[BenchOp, list[str], int]], s: Settings, p
 # on --trials moments minutes apart rather than one. Twelve sweeps taken so: 9.0% from their median,
 # the cell part 7.3% and the row part 5.8%; 38 of their 1,800 rows lay over 25% from it, against 117
 # (benchmarks/results/cpu-gloo-4rank.md). It is the default where calls are interleaved (CPU) and
-# --trials is above 1; the tables then print once every pass is done. On 4 x H200, three launches each
-# way gave mixed results, and back-to-back trials stay the default there
-# (gpu-h200x4-2026-11-27-costmodel.md).
+# --trials is above 1; the tables then print once every pass is done. On 4 x H200, five spread launches
+# against six back to back strayed further from their median (19.9% against 13.1%) and missed more
+# picks, so back-to-back trials stay the default there (gpu-h200x4-2026-11-27-costmodel.md).
 
 
 def check(comm, op: BenchOp, run: Callable[[], None], inp: torch.Tensor, out: torch.Tensor, s: Settings) -> int:

@@ -86,14 +86,6 @@ class BenchOp:
         raise NotImplementedError
 
 
-def human_size(nbytes: int) -> str:
-    """nccl-tests' size labels: 64K, 4M, 1G; bytes where the size is no whole multiple of a unit."""
-    for shift, unit in ((30, "G"), (20, "M"), (10, "K")):
-        if nbytes >= 1 << shift and nbytes % (1 << shift) == 0:
-            return f"{nbytes >> shift}{unit}"
-    return str(nbytes)
-
-
 def _copy_then(call: Callable[[torch.Tensor], None], inp: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
     """An in-place call made out of place ([Note: in place])."""
     if inp.data_ptr() == out.data_ptr():

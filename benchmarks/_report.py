@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import torch
 
-from ._ops import BenchOp, Layout, human_size
+from ._ops import BenchOp, Layout
 from ._sweep import AGGREGATES, AUTO, Measurement, Result, Settings
 
 TYPE_NAMES = {torch.float32: "float", torch.float64: "double", torch.float16: "half", torch.bfloat16: "bfloat16",

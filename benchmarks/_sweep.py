@@ -25,9 +25,10 @@ from collections.abc import Callable
 
 import torch
 
+from collectives.__main__ import format_size
 from collectives.ops import Reduction
 
-from ._ops import BenchOp, Layout, check_input, count_wrong, human_size
+from ._ops import BenchOp, Layout, check_input, count_wrong
 
 AUTO = "auto"
 START_TOGETHER = "halving_doubling"  # the all-reduce that lines ranks up before an interleaved call
@@ -126,11 +127,8 @@ def _loop_means(comm, run: Callable[[], None], s: Settings, trials: int) -> list
 
 
 def measure(comm, op: BenchOp, algorithm: str, lay: Layout, in_place: bool, s: Settings) -> Measurement:
-    run, inp, out = _bound(comm, op, algorithm, lay, in_place, s)
-    means = _loop_means(comm, run, s, max(1, s.trials))
-    time_us = statistics.median(_aggregate(comm, means, s.aggregate)) * 1e6
-    wrong = check(comm, op, run, inp, out, s) if s.check else None
-    return Measurement(time_us, wrong)
+    means, wrong = _cell_means(comm, op, [algorithm], lay, in_place, s, False, max(1, s.trials), s.check)[algorithm]
+    return Measurement(statistics.median(_aggregate(comm, means, s.aggregate)) * 1e6, wrong)
 
 
 def _interleaved_means(comm, runs: dict[str, tuple], s: Settings, trials: int,
@@ -166,13 +164,34 @@ def measure_interleaved(comm, op: BenchOp, algorithms: list[str], lay: Layout, i
     """Every algorithm's Measurement at one layout, their timed calls taken in turn ([Note: interleaved
     timing]): iteration k times one call of each algorithm, in an order shuffled by k, before
     iteration k + 1 begins."""
-    runs = {a: _bound(comm, op, a, lay, in_place, s) for a in algorithms}
-    means = _interleaved_means(comm, runs, s, max(1, s.trials))
+    got = _cell_means(comm, op, algorithms, lay, in_place, s, True, max(1, s.trials), s.check)
+    return {a: Measurement(statistics.median(_aggregate(comm, means, s.aggregate)) * 1e6, wrong)
+            for a, (means, wrong) in got.items()}
+
+
+def _cell_means(comm, op: BenchOp, algorithms: list[str], lay: Layout, in_place: bool, s: Settings,
+                interleave: bool, trials: int, checked: bool,
+                first: int = 0) -> dict[str, tuple[list[float], int | None]]:
+    """Each algorithm's per-trial means on this rank at one layout, and its check count where ``checked``
+    (else None): the algorithms' calls taken in turn where ``interleave`` (orders shuffled from ``first``),
+    else one algorithm's loops after another's, each algorithm's buffers bound only while it runs."""
+    if interleave:
+        runs = {a: _bound(comm, op, a, lay, in_place, s) for a in algorithms}
+        means = _interleaved_means(comm, runs, s, trials, first)
+        return {a: (means[a], check(comm, op, run, inp, buf, s) if checked else None)
+                for a, (run, inp, buf) in runs.items()}
     out = {}
-    for a, (run, inp, buf) in runs.items():
-        time_us = statistics.median(_aggregate(comm, means[a], s.aggregate)) * 1e6
-        out[a] = Measurement(time_us, check(comm, op, run, inp, buf, s) if s.check else None)
+    for a in algorithms:
+        run, inp, buf = _bound(comm, op, a, lay, in_place, s)
+        means = _loop_means(comm, run, s, trials)
+        out[a] = (means, check(comm, op, run, inp, buf, s) if checked else None)
     return out
+
+
+def _result(comm, op: BenchOp, algorithm: str, lay: Layout, oop: Measurement | None,
+            ip: Measurement | None, s: Settings) -> Result:
+    predicted, chosen = predict(comm, op, algorithm, lay.size, s.dtype)
+    return Result(lay, oop, ip, predicted, chosen)
 
 
 def run_spread(comm, cells: list[tuple[BenchOp, list[str], int]], s: Settings, progress) -> list[dict[str, Result]]:
@@ -180,40 +199,29 @@ def run_spread(comm, cells: list[tuple[BenchOp, list[str], int]], s: Settings, p
     ``cells``, each cell's trials taken one per pass over all of them ([Note: spread trials]); the check
     runs in the last pass. ``progress`` has show(text) and step(), called once per cell and pass."""
     passes = max(1, s.trials)
+    lays = [op.layout(nbytes, s.dtype.itemsize, comm.size) for op, _, nbytes in cells]
     means: dict[tuple[int, bool, str], list[float]] = {}
-    wrong: dict[tuple[int, bool, str], int] = {}
+    wrong: dict[tuple[int, bool, str], int | None] = {}
+    how = "interleaved" if s.interleave else "in turn"
     for p in range(passes):
         for i, (op, algorithms, nbytes) in enumerate(cells):
-            lay = op.layout(nbytes, s.dtype.itemsize, comm.size)
-            how = "interleaved" if s.interleave else "in turn"
-            progress.show(f"pass {p + 1}/{passes}: {op.name} {human_size(nbytes)} {len(algorithms)} algorithms {how}")
+            progress.show(f"pass {p + 1}/{passes}: {op.name} {format_size(nbytes)} {len(algorithms)} algorithms {how}")
             for in_place in (False, True) if op.has_in_place else (False,):
-                if s.interleave:
-                    runs = {a: _bound(comm, op, a, lay, in_place, s) for a in algorithms}
-                    for a, m in _interleaved_means(comm, runs, s, 1, first=p * s.iters).items():
-                        means.setdefault((i, in_place, a), []).extend(m)
-                for a in algorithms:
-                    if not s.interleave:  # one algorithm's buffers at a time, as run_size holds them
-                        runs = {a: _bound(comm, op, a, lay, in_place, s)}
-                        means.setdefault((i, in_place, a), []).extend(_loop_means(comm, runs[a][0], s, 1))
-                    if s.check and p == passes - 1:
-                        run, inp, buf = runs[a]
-                        wrong[(i, in_place, a)] = check(comm, op, run, inp, buf, s)
+                got = _cell_means(comm, op, algorithms, lays[i], in_place, s, bool(s.interleave), 1,
+                                  s.check and p == passes - 1, first=p * s.iters)
+                for a, (m, w) in got.items():
+                    means.setdefault((i, in_place, a), []).extend(m)
+                    wrong[(i, in_place, a)] = w
             progress.step()
     keys = list(means)
     combined = iter(_aggregate(comm, [m for k in keys for m in means[k]], s.aggregate))  # one collective
     times = {k: statistics.median([next(combined) for _ in means[k]]) * 1e6 for k in keys}
-    out = []
-    for i, (op, algorithms, nbytes) in enumerate(cells):
-        lay = op.layout(nbytes, s.dtype.itemsize, comm.size)
-        got = {}
-        for a in algorithms:
-            oop, ip = (Measurement(times[(i, mode, a)], wrong.get((i, mode, a))) if (i, mode, a) in times else None
-                       for mode in (False, True))
-            predicted, chosen = predict(comm, op, a, lay.size, s.dtype)
-            got[a] = Result(lay, oop, ip, predicted, chosen)
-        out.append(got)
-    return out
+
+    def measured(k: tuple[int, bool, str]) -> Measurement | None:
+        return Measurement(times[k], wrong[k]) if k in times else None
+
+    return [{a: _result(comm, op, a, lays[i], measured((i, False, a)), measured((i, True, a)), s) for a in algorithms}
+            for i, (op, algorithms, _) in enumerate(cells)]
 
 
 # [Note: interleaved timing]
@@ -295,16 +303,11 @@ def run_sizes(comm, op: BenchOp, algorithms: list[str], nbytes: int, s: Settings
     lay = op.layout(nbytes, s.dtype.itemsize, comm.size)
     oop = measure_interleaved(comm, op, algorithms, lay, False, s)
     ip = measure_interleaved(comm, op, algorithms, lay, True, s) if op.has_in_place else {}
-    out = {}
-    for a in algorithms:
-        predicted, chosen = predict(comm, op, a, lay.size, s.dtype)
-        out[a] = Result(lay, oop[a], ip.get(a), predicted, chosen)
-    return out
+    return {a: _result(comm, op, a, lay, oop[a], ip.get(a), s) for a in algorithms}
 
 
 def run_size(comm, op: BenchOp, algorithm: str, nbytes: int, s: Settings) -> Result:
     lay = op.layout(nbytes, s.dtype.itemsize, comm.size)
     oop = measure(comm, op, algorithm, lay, False, s)
     ip = measure(comm, op, algorithm, lay, True, s) if op.has_in_place else None
-    predicted, chosen = predict(comm, op, algorithm, lay.size, s.dtype)
-    return Result(lay, oop, ip, predicted, chosen)
+    return _result(comm, op, algorithm, lay, oop, ip, s)

@@ -35,10 +35,11 @@ import torch
 from benchmarks._launch import LAUNCHER_ENV, launched, spawn, spawned
 
 from collectives import algorithms
+from collectives.__main__ import format_size
 from collectives.schedule import Collective
 
 from . import _report
-from ._ops import OPS, BenchOp, human_size
+from ._ops import OPS, BenchOp
 from ._sweep import AGGREGATES, AUTO, Result, Settings, run_size, run_sizes, run_spread
 
 DTYPES = {"float": torch.float32, "float32": torch.float32, "fp32": torch.float32,
@@ -227,11 +228,12 @@ def sweep(comm, opts: Options) -> int:
         table.preamble(head, devices)
         for note in opts.notes:
             table.print(f"# skipped: {note}")
-    progress = _Progress(sum(len(a) for a in opts.plan.values()) * len(s.sizes), lead)
+    # steps: a cell per pass where spread, else an (algorithm, size) per op
+    steps = len(opts.plan) * max(1, s.trials) if s.spread else sum(len(a) for a in opts.plan.values())
+    progress = _Progress(steps * len(s.sizes), lead)
     spread = {}
     if s.spread:  # every cell measured before any is reported ([Note: spread trials] in _sweep.py)
         cells = [(OPS[name], algos, nbytes) for name, algos in opts.plan.items() for nbytes in s.sizes]
-        progress.total = len(cells) * max(1, s.trials)
         spread = dict(zip(((op.name, nbytes) for op, _, nbytes in cells), run_spread(comm, cells, s, progress)))
         progress.close()
     rows: list[dict] = []
@@ -247,13 +249,13 @@ def sweep(comm, opts: Options) -> int:
                     blocks[algorithm].append(result)
                 continue
             if s.interleave:
-                progress.show(f"{name} {human_size(nbytes)} {len(algos)} algorithms interleaved")
+                progress.show(f"{name} {format_size(nbytes)} {len(algos)} algorithms interleaved")
                 for algorithm, result in run_sizes(comm, op, algos, nbytes, s).items():
                     blocks[algorithm].append(result)
                     progress.step()
                 continue
             for algorithm in algos:
-                progress.show(f"{name} {human_size(nbytes)} {algorithm}")
+                progress.show(f"{name} {format_size(nbytes)} {algorithm}")
                 blocks[algorithm].append(run_size(comm, op, algorithm, nbytes, s))
                 progress.step()
         progress.close()

@@ -19,6 +19,8 @@ from typing import Any, TextIO
 
 import torch
 
+from collectives.topology import cpu_name
+
 from ._ops import BenchOp, Layout
 from ._sweep import AGGREGATES, AUTO, Measurement, Result, Settings
 
@@ -168,17 +170,6 @@ def json_rows(op: BenchOp, algorithm: str, results: list[Result], s: Settings, n
     return rows
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def header(comm, s: Settings, command: str, launcher: str) -> dict[str, Any]:
     cuda = comm.device.type == "cuda"
     nccl = None
@@ -186,7 +177,7 @@ def header(comm, s: Settings, command: str, launcher: str) -> dict[str, Any]:
         v = torch.cuda.nccl.version()
         nccl = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
     return {
-        "hostname": socket.gethostname(), "machine": platform.platform(), "cpu": _cpu_name(),
+        "hostname": socket.gethostname(), "machine": platform.platform(), "cpu": cpu_name(),
         "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name(comm.device) if cuda else None,
         "backend": comm.backend, "world_size": comm.size, "nodes": len(comm.topology.nodes),
         "launcher": launcher, "torch": torch.__version__, "nccl": nccl, "python": platform.python_version(),
@@ -213,5 +204,5 @@ def load_average() -> list[float] | None:
 
 
 def device_info(comm) -> dict[str, Any]:
-    name = torch.cuda.get_device_name(comm.device) if comm.device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(comm.device) if comm.device.type == "cuda" else cpu_name()
     return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(comm.device), "name": name}

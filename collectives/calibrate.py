@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 
 from . import algorithms, calibrate_check
-from .calibrate_check import PICK_TOLERANCE, copied
+from .calibrate_check import PICK_TOLERANCE, copied, row_in_place, row_prediction
 from .execute import LEGACY_CUDA_SEGMENT_BYTES
 from .model import (_WORLD_FIELDS, HOST, SETUP, THETA, CostModel, Params, _theta, binding, default_params,
                     evaluate, native_structs)
 from .schedule import Collective
-from .topology import Topology, from_reports, usable_cpus
+from .topology import Topology, cpu_name, from_reports, usable_cpus
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 _MIN_BYTES = 64 * 1024  # below this, timer noise and Python overhead dominate the fit
@@ -54,29 +54,41 @@ def save_profile(path: str | os.PathLike, params: Params, match: dict[str, Any],
     Path(path).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
-def hardware_key(topo: Topology, backend: str) -> dict[str, Any]:
-    """What a profile must agree on to apply: backend, device kind, fabric and, for CPUs, the core count."""
+def hardware_key(topo: Topology, backend: str, cpu: str | None = None) -> dict[str, Any]:
+    """What a profile must agree on to apply: backend, device kind, fabric and, for CPUs, the core count and
+    the CPU model (``cpu``, default this host's: [Note: CPU model])."""
     key: dict[str, Any] = {"backend": backend, "device": topo.devices[0] if topo.devices else "cpu",
                            "fabric": topo.fabric}
     if key["device"] == "cpu":
         key["cpus"] = topo.cpus or usable_cpus()
+        key["cpu"] = cpu or cpu_name()
     return key
 
 
+# [Note: CPU model]
+# Two 2-core machines are not one machine kind. The same sweep took 5.1-5.7 minutes on a 2-core AMD EPYC
+# guest and about 10 on a 2-core Intel Xeon guest, and a profile fitted on one misprices the other
+# (benchmarks/results/cpu-gloo-4rank.md, "Another 2-core machine"). CPU profiles therefore match the CPU
+# model too. Where none was fitted on this model, one that agrees on everything else still applies: it
+# prices the structure of every algorithm and is nearer than the defaults.
 def find_profile(topo: Topology, backend: str) -> Params | None:
-    """``$TOPOCOMM_PROFILE`` if set, else the first shipped profile whose match block fits, else None."""
+    """``$TOPOCOMM_PROFILE`` if set, else the first shipped profile whose match block fits, else the first
+    that fits all but the CPU model ([Note: CPU model]), else None."""
     env = os.environ.get("TOPOCOMM_PROFILE")
     if env:
         return load_profile(env)
-    want = hardware_key(topo, backend)
+    want, near = hardware_key(topo, backend), None
     for path in sorted(PROFILE_DIR.glob("*.json")):
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if all(want.get(k) == v for k, v in doc.get("match", {}).items()):
+        differ = {k for k, v in doc.get("match", {}).items() if want.get(k) != v}
+        if not differ:
             return Params.from_json(doc["params"])
-    return None
+        if differ == {"cpu"} and near is None:
+            near = Params.from_json(doc["params"])
+    return near
 
 
 # ---------------------------------------------------------------------------
@@ -107,12 +119,12 @@ def nnls(A: np.ndarray, b: np.ndarray, iters: int = 200) -> np.ndarray:
 
 
 def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, theta: np.ndarray,
-             pipeline: int | None = None) -> np.ndarray:
+             pipeline: int | None = None, in_place: bool = False) -> np.ndarray:
     """d prediction / d theta at ``theta`` (the prediction is theta . features; order: model.THETA)."""
     k = pipeline or model.best_pipeline(coll, int(nbytes), algorithm)
     x = np.zeros(len(THETA))
     x[0] = 1
-    for count, L in model.struct(coll, algorithm, k):
+    for count, L in model.struct(coll, algorithm, k, in_place):
         j, g = binding(L, theta, nbytes, model.curve)
         tier, m = int(L[j, 0]), L[j, 3]
         x[6] += count * m * 3 * L[j, 2] * nbytes
@@ -235,8 +247,7 @@ def _summary(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, 
     for topo, rows in sweeps:
         model = sweep_model(topo, backend, params, rows)
         tag = f"{topo.world_size}r/" if len(sweeps) > 1 else ""
-        ratios.update({f'{tag}{r["op"]}/{r["algorithm"]}/{r["bytes"]}': 1e6 * model.predict(
-                       r["op"], r["bytes"], r["algorithm"], pipeline=r.get("pipeline")) / r["time_us"]
+        ratios.update({f'{tag}{r["op"]}/{r["algorithm"]}/{r["bytes"]}': 1e6 * row_prediction(model, r) / r["time_us"]
                        for r in rows if r["bytes"] >= min_bytes})
         picks += pick_results(model, rows, min_bytes)
     vals = np.array(list(ratios.values())) if ratios else np.ones(1)
@@ -271,7 +282,8 @@ def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
         theta[7] = max(theta[7], slower * theta[4])
         calls = np.full(len(ops), theta[0])
         for _ in range(8):
-            X = np.array([features(model, Collective(r["op"]), r["algorithm"], r["bytes"], theta, r.get("pipeline"))
+            X = np.array([features(model, Collective(r["op"]), r["algorithm"], r["bytes"], theta, r.get("pipeline"),
+                                   row_in_place(r))
                           for topo, rows in sweeps
                           for model in (sweep_model(topo, backend, _params(params, theta), rows),)
                           for r in rows])
@@ -290,7 +302,7 @@ def _fit_theta(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str
             if done:
                 break
         per_op = {o: float(c - theta[0]) for o, c in zip(ops, calls)}
-        pred = [model.predict(r["op"], r["bytes"], r["algorithm"], pipeline=r.get("pipeline"))
+        pred = [row_prediction(model, r)
                 for topo, rows in sweeps
                 for model in (sweep_model(topo, backend, _params(params, theta, per_op), rows),)
                 for r in rows]
@@ -452,6 +464,11 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"fit: {e}")
     sweeps = [(topo, rows) for _, topo, rows in loaded]
     backend = a.backend or loaded[0][0].get("backend", "gloo")
+    on_cpu = hardware_key(sweeps[-1][0], backend, "-")["device"] == "cpu"
+    cpus = sorted({header["cpu"] for header, _, _ in loaded if header.get("cpu")}) if on_cpu else []
+    if len(cpus) > 1:
+        ap.error(f"fit: the sweeps ran on different CPUs ({', '.join(cpus)}); fit one machine kind at a time "
+                 "([Note: CPU model])")
     curves = dict(load_curve(path) for path in a.pair_curve)
     if a.per_world:
         params, summary = fit_per_world(sweeps, backend, min_bytes=a.min_bytes, curves=curves)
@@ -465,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows=[{**{k: r[k] for k in ("op", "algorithm", "bytes", "time_us") if k in r},
                        **({"world_size": topo.world_size} if len(sweeps) > 1 else {})}
                       for topo, rows in sweeps for r in rows])
-    save_profile(a.save, params, hardware_key(sweeps[-1][0], backend), meta)
+    save_profile(a.save, params, hardware_key(sweeps[-1][0], backend, cpus[0] if cpus else None), meta)
     for key, r in sorted(summary["ratios"].items()):
         print(f"{key:45s} predicted/measured {r:6.2f}")
     print(f"within 25%: {100 * summary['within_25pct']:.0f}% of {summary['rows']} rows; pick within 5% of the "

@@ -56,15 +56,26 @@ PICK_TOLERANCE = 0.05  # a pick is right when it ran within 1 + this of the meas
 Key = tuple[str, str, int, bool]  # (op, algorithm, bytes, in place)
 
 
+def row_in_place(row: dict[str, Any]) -> bool:
+    """Whether ``row`` timed the in-place call (busbw's rows say; a row that does not was)."""
+    return bool(row.get("in_place", True))
+
+
 def copied(row: dict[str, Any]) -> bool:
     """Whether ``row`` also timed a copy ([Note: measured rows] in calibrate.py): busbw's out-of-place
     all-reduce, broadcast and reduce copy the input into the output and run in place there."""
-    return not row.get("in_place", True) and row["op"] in ("all_reduce", "broadcast", "reduce")
+    return not row_in_place(row) and row["op"] in ("all_reduce", "broadcast", "reduce")
+
+
+def row_prediction(model: CostModel, row: dict[str, Any]) -> float:
+    """``model``'s seconds for what ``row`` timed: its call at the depth it ran at, in its mode."""
+    return model.predict(row["op"], row["bytes"], row["algorithm"], pipeline=row.get("pipeline"),
+                         in_place=row_in_place(row))
 
 
 def one_call_rows(rows: list[dict[str, Any]], min_bytes: int) -> dict[Key, dict[str, Any]]:
     """The rows that time one call of their algorithm, at least ``min_bytes``, by (op, algorithm, bytes, in place)."""
-    return {(r["op"], r["algorithm"], int(r["bytes"]), bool(r.get("in_place", True))): r
+    return {(r["op"], r["algorithm"], int(r["bytes"]), row_in_place(r)): r
             for r in rows if r["bytes"] >= min_bytes and not copied(r)}
 
 
@@ -93,8 +104,7 @@ def pick_cells(model: CostModel, rows: list[dict[str, Any]], min_bytes: int) -> 
 
 def score(model: CostModel, rows: list[dict[str, Any]], min_bytes: int) -> dict[str, Any]:
     """The model's rows and picks on one sweep, and the rows and cells it got wrong."""
-    ratios = {k: model.predict(k[0], k[2], k[1], pipeline=r.get("pipeline")) * 1e6 / r["time_us"]
-              for k, r in one_call_rows(rows, min_bytes).items()}
+    ratios = {k: row_prediction(model, r) * 1e6 / r["time_us"] for k, r in one_call_rows(rows, min_bytes).items()}
     cells = pick_cells(model, rows, min_bytes)
     missed = [c for c in cells if c[3] > 1 + PICK_TOLERANCE]
     return {"rows": len(ratios), "rows_within": _share([row_within(q) for q in ratios.values()]),

@@ -288,18 +288,20 @@ class CostModel:
         theta[1], theta[9] = self.params.native_step, 0.0
         return theta
 
-    def struct(self, coll: Collective, algorithm: str, pipeline: int = 1) -> Struct:
-        """Structural lines of our ``algorithm`` (cached across models of the same layout)."""
-        key = (self._lay.key, coll, algorithm, pipeline, _GENERIC_ONLY, self.aside)
+    def struct(self, coll: Collective, algorithm: str, pipeline: int = 1, in_place: bool = False) -> Struct:
+        """Structural lines of our ``algorithm`` (cached across models of the same layout); ``in_place``:
+        the call's input is its output's own block ([Note: set-up copies] in rounds.py)."""
+        key = (self._lay.key, coll, algorithm, pipeline, _GENERIC_ONLY, self.aside, in_place)
         if key not in _STRUCTS:
             if len(_STRUCTS) > 2048:
                 _STRUCTS.clear()
-            _STRUCTS[key] = _structure(self._lay, self._nodes, coll, algorithm, pipeline, self.aside)
+            _STRUCTS[key] = _structure(self._lay, self._nodes, coll, algorithm, pipeline, self.aside, in_place)
         return _STRUCTS[key]
 
     def sweep(self, op: str | Collective, nbytes: Any, algorithm: str, dtype: Any = "float32",
-              pipeline: int | None = None) -> np.ndarray:
-        """Predicted seconds at every size of ``nbytes`` (vectorised); best pipeline unless given."""
+              pipeline: int | None = None, in_place: bool = False) -> np.ndarray:
+        """Predicted seconds at every size of ``nbytes`` (vectorised); best pipeline unless given.
+        ``in_place``: an all-gather whose input is its output's own block, which no copy fills."""
         coll, S = Collective(op), np.atleast_1d(np.asarray(nbytes, dtype=float))
         if self.topology.world_size < 2:
             return np.zeros_like(S)
@@ -309,11 +311,12 @@ class CostModel:
         if fit:
             return _measured(fit, S)
         ks = [pipeline] if pipeline else (_pipelines(algorithm) if algorithms.pipelined(algorithm, coll) else (1,))
-        return np.min(self._depth_times(coll, algorithm, ks, self._op_theta(coll, dtype), S), axis=0)
+        return np.min(self._depth_times(coll, algorithm, ks, self._op_theta(coll, dtype), S, in_place), axis=0)
 
-    def _depth_times(self, coll: Collective, algorithm: str, ks, theta: np.ndarray, S: np.ndarray) -> np.ndarray:
+    def _depth_times(self, coll: Collective, algorithm: str, ks, theta: np.ndarray, S: np.ndarray,
+                     in_place: bool = False) -> np.ndarray:
         """depths x sizes: predicted seconds of our ``algorithm`` in each number of parts of ``ks``."""
-        return np.array([evaluate(self.struct(coll, algorithm, k), theta, S, curve=self.curve) for k in ks])
+        return np.array([evaluate(self.struct(coll, algorithm, k, in_place), theta, S, curve=self.curve) for k in ks])
 
     def _kernel(self, coll: Collective, algorithm: str) -> list | None:
         """The measured fit of ``algorithm`` where it runs as our NVLink kernel ([Note: NVLink direct]):
@@ -340,8 +343,8 @@ class CostModel:
         return _STRUCTS[key]
 
     def predict(self, op: str | Collective, nbytes: int, algorithm: str, dtype: Any = "float32",
-                pipeline: int | None = None) -> float:
-        return float(self.sweep(op, [nbytes], algorithm, dtype, pipeline)[0])
+                pipeline: int | None = None, in_place: bool = False) -> float:
+        return float(self.sweep(op, [nbytes], algorithm, dtype, pipeline, in_place)[0])
 
     def best_pipeline(self, op: str | Collective, nbytes: int, algorithm: str, dtype: Any = "float32") -> int:
         coll = Collective(op)
@@ -469,7 +472,7 @@ class CostModel:
 
 
 def _structure(lay: _Layout, nodes: tuple, coll: Collective, algorithm: str, pipeline: int,
-               aside: bool = True) -> Struct:
+               aside: bool = True, in_place: bool = False) -> Struct:
     """Structures known round by round (any world size, no Schedule), else the registry's Schedule priced."""
     C = Collective
     fast = {("ring", C.ALL_REDUCE): lambda: ring_struct(lay, coll),
@@ -492,7 +495,7 @@ def _structure(lay: _Layout, nodes: tuple, coll: Collective, algorithm: str, pip
     if out is None:
         s = algorithms.build(algorithm, coll, len(lay.node), root=0, nodes=nodes, pipeline=pipeline)
         out = price_schedule(s, lay)
-    return join(out, setup_struct(lay, coll, algorithm=algorithm if aside else None)) if out else out
+    return join(out, setup_struct(lay, coll, algorithm=algorithm if aside else None, in_place=in_place)) if out else out
 
 
 _GENERIC_ONLY = False  # tests flip it to price every algorithm from its Schedule

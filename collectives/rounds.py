@@ -78,15 +78,18 @@ class _Layout:
             return np.ones(len(self.node))
         return np.maximum(1.0, np.bincount(self.host[busy], minlength=int(self.host.max()) + 1)[self.host] / self.cpus)
 
-    def stretches(self, busy: np.ndarray, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def stretches(self, busy: np.ndarray, work: np.ndarray,
+                  chain: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per rank, how much longer its ``work`` takes with ``busy`` ranks sharing the host's CPUs: (the fair
         share, where it waits for no one; the geometric mean with busy / cores, where it waits for descheduled
-        peers, as messages larger than a slot make it) ([Note: shared cores])."""
+        peers, as messages larger than a slot make it) ([Note: shared cores]). ``chain``: the work a rank's
+        round takes one piece after another (default its own)."""
         m = self.stretch(busy)
         if not self.cpus:
             return m, m
         fair = np.bincount(self.host, work, minlength=int(self.host.max()) + 1)[self.host] / self.cpus
-        share = np.clip(np.divide(fair, work, out=m.copy(), where=work > 0), 1.0, m)
+        chain = work if chain is None else chain
+        share = np.clip(np.divide(fair, chain, out=m.copy(), where=chain > 0), 1.0, m)
         return share, np.sqrt(share * m)
 
 
@@ -198,6 +201,15 @@ def messages(lay: _Layout, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 # by the mean above it (Struct's cut and side; pricing.line_times drops the lines that do not hold).
 # Refitted, the fit's error fell to 0.1604 (0.1609 with the cut at the 4 MiB channel), and the tree
 # all-reduce at 1 MiB, priced 1.04-1.35x of its measured time, came down to the direct one's side.
+# A rank that only sends, to a rank that only receives (and reduces, perhaps) and has no other peer, has
+# work that does not overlap its peer's: the receiver copies a message out once it is in. Such a pair
+# keeps one core busy at a time, so its chain of work is both ends' work, and the fair share divides the
+# host's work by that chain, not by one end's. Binomial broadcast's second round on 4 ranks, 2 cores
+# (0->1, 2->3): a fair share of 1, not 2 (host work 8 over 2 cores, a chain of 4), and sqrt(2) above the
+# slot. Over twelve held-out sweeps the tree broadcast took 0.80x the chain's time per byte (64 KiB-1 MiB
+# and 4-16 MiB alike), where one stretch for both had priced them equal. Refitted on the same sweeps, the
+# fit's error fell from 0.1521 to 0.1508 and the held-out sweeps' from 0.1286 to 0.1272; the tree
+# broadcast's rows at 64 KiB-1 MiB went from 1.21/1.19/1.28x of each row's median to 1.20/1.12/1.11x.
 def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.ndarray,
                 red_rank: np.ndarray | None = None, red_frac: float | np.ndarray = 0.0) -> np.ndarray:
     """The lines of one round: transfers src->dst moving ``frac`` of the buffer; ranks reducing."""
@@ -223,7 +235,12 @@ def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np
                                                      m[lonely], q[lonely]]), cut, side)])
         return _pareto(out) if len(out) else np.zeros((0, WIDTH))
 
-    fair, m = lay.stretches(busy, work)  # [Note: shared cores]
+    # a sender and a receiver that have no other peer work one after the other ([Note: shared cores])
+    sends, recvs = np.bincount(src, minlength=n), np.bincount(dst, minlength=n)
+    alone = (f > 0) & (sends[src] == 1) & (recvs[src] == 0) & (recvs[dst] == 1) & (sends[dst] == 0)
+    chain = work.copy()
+    chain[src[alone]] = chain[dst[alone]] = work[src[alone]] + work[dst[alone]]
+    fair, m = lay.stretches(busy, work, chain)  # [Note: shared cores]
     if np.allclose(fair, m):
         return lines(m)
     # up to the buffer size where its largest message fills a slot, the round's ranks wait for no one
@@ -364,19 +381,23 @@ def join(*parts: Struct) -> Struct:
 # [Note: set-up copies]
 # execute.run_collective copies outside the rounds: reduce-scatter reduces a clone of its input and
 # copies its block out, reduce clones the buffer on every rank but the root, all-gather and
-# all-to-all copy the rank's own block. Copying x bytes moves 2x bytes of memory, priced like a
+# all-to-all copy the rank's own block (an all-gather called in place has it there already: on the 2-core
+# machine its rows ran 7% faster than out of place at 1-16 MiB, 0.28 ms of 2.05 at 4 MiB, the copy's cost).
+# Copying x bytes moves 2x bytes of memory, priced like a
 # reduction (3 bytes of traffic per byte) as a line reducing 2x/3, in tier SETUP: no step, latency or
 # message. On 2 x H200 reduce-scatter of 1 GiB ran 1.3 ms over its rounds: the copies at ~2 TB/s.
 _SETUP_COPY = {Collective.REDUCE_SCATTER: lambda n: 1 + 1 / n, Collective.REDUCE: lambda n: 1.0,
                Collective.ALL_GATHER: lambda n: 1 / n, Collective.ALL_TO_ALL: lambda n: 1 / n}
 
 
-def setup_struct(lay: _Layout, coll: Collective, root: int = 0, algorithm: str | None = None) -> Struct:
+def setup_struct(lay: _Layout, coll: Collective, root: int = 0, algorithm: str | None = None,
+                 in_place: bool = False) -> Struct:
     """The buffer copies run_collective makes around our schedules, as one SETUP line ([Note: set-up copies]);
-    none for an own-block copy that ``algorithm`` hides on a device (own_block_hidden)."""
+    none for an own-block copy that ``algorithm`` hides on a device (own_block_hidden), or for an all-gather
+    called in place."""
     n = len(lay.node)
     copy = _SETUP_COPY.get(coll)
-    if copy is None or n < 2:
+    if copy is None or n < 2 or (in_place and coll is Collective.ALL_GATHER):
         return ()
     if algorithm is not None and lay.device and coll in _OWN_BLOCK and own_block_hidden(algorithm, coll, n):
         return ()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import platform
 import re
 import socket
 from dataclasses import asdict, dataclass, field, replace
@@ -107,6 +108,18 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def cpu_name() -> str:
+    """This host's CPU model, as /proc/cpuinfo names it (elsewhere what platform knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def gpu_spec(device: str) -> GPUSpec:

@@ -20,7 +20,7 @@ def test_fit_recovers_known_parameters(tmp_path):
                      inter_bandwidth=1e9, step_overhead=1.5e-3, reduce_bandwidth=3e9, native_step=0.4e-3,
                      call_overhead=0.3e-3, oversubscribed_step=0.0)
     model = M.CostModel(topo, "gloo", profile=truth)
-    rows = [{"op": op, "algorithm": a, "bytes": s, "time_us": model.predict(op, s, a) * 1e6}
+    rows = [{"op": op, "algorithm": a, "bytes": s, "time_us": model.predict(op, s, a, in_place=True) * 1e6}
             for op in ("all_reduce", "reduce_scatter", "all_gather")
             for a in ("ring", "halving_doubling", "direct", "native") for s in (1 << 18, 1 << 20, 1 << 22, 1 << 24)]
     params, summary = calibrate.fit(rows, topo, "gloo")
@@ -108,6 +108,42 @@ def test_profile_lookup(tmp_path, monkeypatch):
         assert shipped is not None and shipped.source == "calibrated"
 
 
+def test_cpu_profiles_match_the_cpu_model_first(tmp_path, monkeypatch, capsys):
+    """[Note: CPU model]: a CPU profile fitted on this CPU model wins; one of another model that agrees on the rest
+    still applies where none was fitted here; one of another core count never does. A fit refuses CPU sweeps
+    taken on different CPU models, naming them."""
+    from collectives.topology import cpu_name
+
+    topo = Topology.local(4, cpus=2)
+    key = calibrate.hardware_key(topo, "gloo")
+    assert key["cpu"] == cpu_name() and key["cpus"] == 2
+    assert "cpu" not in calibrate.hardware_key(Topology.preset("dgx-h100"), "nccl")  # GPUs: the device decides
+    monkeypatch.delenv("TOPOCOMM_PROFILE", raising=False)
+    monkeypatch.setattr(calibrate, "PROFILE_DIR", tmp_path)
+    base = M.default_params(topo, "gloo")
+    here, other, cores = (dataclasses.replace(base, step_overhead=x) for x in (1e-4, 2e-4, 3e-4))
+    calibrate.save_profile(tmp_path / "a-other.json", other, {**key, "cpu": "Another CPU"}, {})
+    calibrate.save_profile(tmp_path / "b-cores.json", cores, {**key, "cpus": 8}, {})
+    assert calibrate.find_profile(topo, "gloo") == other
+    calibrate.save_profile(tmp_path / "c-here.json", here, key, {})
+    assert calibrate.find_profile(topo, "gloo") == here
+    assert calibrate.find_profile(Topology.local(4, cpus=8), "gloo") == cores
+    assert calibrate.find_profile(Topology.local(4, cpus=4), "gloo") is None
+
+    model = M.CostModel(Topology.local(4, cpus=0), "gloo", profile=base)
+    paths = []
+    for name in ("Some CPU", "Another CPU"):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"header": {"backend": "gloo", "world_size": 4, "machine": "x (0 CPUs)",
+                                                    "cpu": name}, "rows": _sweep(model)}))
+    with pytest.raises(SystemExit):
+        calibrate.main(["fit", *map(str, paths), "--save", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert "Some CPU" in err and "Another CPU" in err and not (tmp_path / "p.json").exists()
+    calibrate.main(["fit", str(paths[0]), "--save", str(tmp_path / "p.json")])
+    assert json.loads((tmp_path / "p.json").read_text())["match"]["cpu"] == "Some CPU"
+
+
 def test_nnls():
     A = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     assert calibrate.nnls(A, np.array([1.0, -1.0, 0.0])) == pytest.approx([0.5, 0.0])
@@ -146,10 +182,10 @@ def _sweep(model, scale=None, sizes=(1 << 12, 1 << 18, 1 << 22)):
     for op, algos in (("all_reduce", ("ring", "halving_doubling", "native")), ("all_gather", ("ring", "direct"))):
         for a in algos:
             for s in sizes:
-                t = model.predict(op, s, a) * 1e6 * (scale or {}).get((op, a, s), 1.0)
-                copy = 3.0 if op == "all_reduce" else 1.0  # busbw's out-of-place all-reduce times a copy too
-                rows += [{"op": op, "algorithm": a, "bytes": s, "in_place": ip, "time_us": t * (1.0 if ip else copy)}
-                         for ip in (False, True)]
+                for ip in (False, True):  # in place, an all-gather copies no own block
+                    t = model.predict(op, s, a, in_place=ip) * 1e6 * (scale or {}).get((op, a, s), 1.0)
+                    copy = 1.0 if ip or op != "all_reduce" else 3.0  # busbw's out-of-place all-reduce times a copy too
+                    rows.append({"op": op, "algorithm": a, "bytes": s, "in_place": ip, "time_us": t * copy})
     return rows
 
 
@@ -167,8 +203,9 @@ def test_check_scores_rows_and_picks_against_the_measurements():
     assert (slow["rows_within"], slow["picks_within"], slow["level"]) == (1.0, 1.0, pytest.approx(1 / 1.2))
     pick = model.plan("all_gather", 1 << 22, candidates=("ring", "direct")).algorithm
     other = ({"ring", "direct"} - {pick}).pop()
-    t_pick, t_other = (model.predict("all_gather", 1 << 22, a) for a in (pick, other))
-    # the pick, measured at twice the other's time: its two rows are off by t_pick / (2 t_other) <= 0.5
+    t_pick, t_other = (model.predict("all_gather", 1 << 22, a, in_place=True) for a in (pick, other))
+    # the pick, measured at twice the other's time (in place, the row a cell compares): its two rows are off by
+    # about t_pick / (2 t_other) <= 0.5
     off = CC.score(model, _sweep(model, {("all_gather", pick, 1 << 22): 2 * t_other / t_pick}), min_bytes=1 << 16)
     assert set(off["row_misses"]) == {("all_gather", pick, 1 << 22, ip) for ip in (False, True)}
     assert off["rows_within"] == pytest.approx(12 / 14)
@@ -211,7 +248,7 @@ def test_check_pools_sweeps_into_each_rows_median(tmp_path, capsys):
     pooled = {(r["op"], r["algorithm"], r["bytes"], r["in_place"]): r["time_us"]
               for r in CC.pooled_rows(sweeps, 1 << 16)}
     assert len(pooled) == 14
-    want = model.predict("all_gather", 1 << 22, pick) * 1e6
+    want = model.predict("all_gather", 1 << 22, pick, in_place=True) * 1e6
     assert pooled[(*key, True)] == pytest.approx(1.1 * want)
     ring = model.predict("all_reduce", 1 << 18, "ring") * 1e6
     assert pooled[("all_reduce", "ring", 1 << 18, True)] == pytest.approx(ring)

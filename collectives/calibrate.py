@@ -67,10 +67,11 @@ def hardware_key(topo: Topology, backend: str, cpu: str | None = None) -> dict[s
 
 # [Note: CPU model]
 # Two 2-core machines are not one machine kind. The same sweep took 5.1-5.7 minutes on a 2-core AMD EPYC
-# guest and about 10 on a 2-core Intel Xeon guest, and a profile fitted on one misprices the other
-# (benchmarks/results/cpu-gloo-4rank.md, "Another 2-core machine"). CPU profiles therefore match the CPU
-# model too. Where none was fitted on this model, one that agrees on everything else still applies: it
-# prices the structure of every algorithm and is nearer than the defaults.
+# guest and 8-10 on a 2-core Intel Xeon guest, whose fitted copy and reduction rates are half the EPYC's;
+# the EPYC profile put 12% of the Xeon's rows within 25% (benchmarks/results/cpu-gloo-4rank.md,
+# "another 2-core machine"). CPU profiles therefore match the CPU model too. Where none was fitted on this
+# model, one that agrees on everything else still applies: it prices the structure of every algorithm,
+# and its picks held on the Xeon (93%), so it is nearer than the defaults.
 def find_profile(topo: Topology, backend: str) -> Params | None:
     """``$TOPOCOMM_PROFILE`` if set, else the first shipped profile whose match block fits, else the first
     that fits all but the CPU model ([Note: CPU model]), else None."""

@@ -206,10 +206,11 @@ def messages(lay: _Layout, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 # keeps one core busy at a time, so its chain of work is both ends' work, and the fair share divides the
 # host's work by that chain, not by one end's. Binomial broadcast's second round on 4 ranks, 2 cores
 # (0->1, 2->3): a fair share of 1, not 2 (host work 8 over 2 cores, a chain of 4), and sqrt(2) above the
-# slot. Over twelve held-out sweeps the tree broadcast took 0.80x the chain's time per byte (64 KiB-1 MiB
-# and 4-16 MiB alike), where one stretch for both had priced them equal. Refitted on the same sweeps, the
-# fit's error fell from 0.1521 to 0.1508 and the held-out sweeps' from 0.1286 to 0.1272; the tree
-# broadcast's rows at 64 KiB-1 MiB went from 1.21/1.19/1.28x of each row's median to 1.20/1.12/1.11x.
+# slot. Over twelve held-out sweeps on the 2-core EPYC guest, the tree broadcast took 0.80x the chain's
+# time per byte (64 KiB-1 MiB and 4-16 MiB alike), where one stretch for both had priced them equal.
+# Refitted on the same sweeps, the fit's error fell from 0.1521 to 0.1508 and the held-out sweeps' from
+# 0.1286 to 0.1272; the tree broadcast's rows at 64 KiB-1 MiB went from 1.21/1.19/1.28x of each row's
+# median to 1.20/1.12/1.11x.
 def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.ndarray,
                 red_rank: np.ndarray | None = None, red_frac: float | np.ndarray = 0.0) -> np.ndarray:
     """The lines of one round: transfers src->dst moving ``frac`` of the buffer; ranks reducing."""
@@ -382,10 +383,10 @@ def join(*parts: Struct) -> Struct:
 # execute.run_collective copies outside the rounds: reduce-scatter reduces a clone of its input and
 # copies its block out, reduce clones the buffer on every rank but the root, all-gather and
 # all-to-all copy the rank's own block (an all-gather called in place has it there already: on the 2-core
-# machine its rows ran 7% faster than out of place at 1-16 MiB, 0.28 ms of 2.05 at 4 MiB, the copy's cost).
-# Copying x bytes moves 2x bytes of memory, priced like a
-# reduction (3 bytes of traffic per byte) as a line reducing 2x/3, in tier SETUP: no step, latency or
-# message. On 2 x H200 reduce-scatter of 1 GiB ran 1.3 ms over its rounds: the copies at ~2 TB/s.
+# EPYC guest its rows ran 7% faster than out of place at 1-16 MiB, 0.28 ms of 2.05 at 4 MiB, the copy's
+# cost). Copying x bytes moves 2x bytes of memory, priced like a reduction (3 bytes of traffic per byte)
+# as a line reducing 2x/3, in tier SETUP: no step, latency or message. On 2 x H200 reduce-scatter of 1 GiB
+# ran 1.3 ms over its rounds: the copies at ~2 TB/s.
 _SETUP_COPY = {Collective.REDUCE_SCATTER: lambda n: 1 + 1 / n, Collective.REDUCE: lambda n: 1.0,
                Collective.ALL_GATHER: lambda n: 1 / n, Collective.ALL_TO_ALL: lambda n: 1 / n}
 

@@ -18,9 +18,9 @@ Several sweeps of one kind of machine (say 2 and 4 GPUs of one host) fit one
 profile together: each sweep's rows are priced on its own topology, theta is
 shared, and native gets a line per world size.
 
-A profile is the fitted Params plus a ``match`` block (backend, device, cpus)
-that ``find_profile`` compares with the detected hardware; ``$TOPOCOMM_PROFILE``
-names one explicitly.
+A profile is the fitted Params plus a ``match`` block (backend, device, cpus,
+CPU model) that ``find_profile`` (calibrate_profiles.py) compares with the
+detected hardware; ``$TOPOCOMM_PROFILE`` names one explicitly.
 """
 
 from __future__ import annotations
@@ -35,61 +35,15 @@ import numpy as np
 
 from . import algorithms, calibrate_check
 from .calibrate_check import PICK_TOLERANCE, copied, row_in_place, row_prediction
+# profiles on disk; the tests and the model reach them through this module too
+from .calibrate_profiles import PROFILE_DIR, device_kind, find_profile, hardware_key, load_profile, save_profile
 from .execute import LEGACY_CUDA_SEGMENT_BYTES
-from .model import (_WORLD_FIELDS, HOST, SETUP, THETA, CostModel, Params, _theta, binding, default_params,
-                    evaluate, native_structs)
+from .model import HOST, SETUP, CostModel, binding, evaluate, native_structs
+from .params import _WORLD_FIELDS, THETA, Params, _theta, default_params
 from .schedule import Collective
-from .topology import Topology, cpu_name, from_reports, usable_cpus
+from .topology import Topology, from_reports
 
-PROFILE_DIR = Path(__file__).parent / "profiles"
 _MIN_BYTES = 64 * 1024  # below this, timer noise and Python overhead dominate the fit
-
-
-def load_profile(path: str | os.PathLike) -> Params:
-    return Params.from_json(json.loads(Path(path).read_text())["params"])
-
-
-def save_profile(path: str | os.PathLike, params: Params, match: dict[str, Any], meta: dict[str, Any]) -> None:
-    doc = {"match": match, "meta": meta, "params": params.to_json()}
-    Path(path).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-
-
-def hardware_key(topo: Topology, backend: str, cpu: str | None = None) -> dict[str, Any]:
-    """What a profile must agree on to apply: backend, device kind, fabric and, for CPUs, the core count and
-    the CPU model (``cpu``, default this host's: [Note: CPU model])."""
-    key: dict[str, Any] = {"backend": backend, "device": topo.devices[0] if topo.devices else "cpu",
-                           "fabric": topo.fabric}
-    if key["device"] == "cpu":
-        key["cpus"] = topo.cpus or usable_cpus()
-        key["cpu"] = cpu or cpu_name()
-    return key
-
-
-# [Note: CPU model]
-# Two 2-core machines are not one machine kind. The same sweep took 5.1-5.7 minutes on a 2-core AMD EPYC
-# guest and 8-10 on a 2-core Intel Xeon guest, whose fitted copy and reduction rates are half the EPYC's;
-# the EPYC profile put 12% of the Xeon's rows within 25% (benchmarks/results/cpu-gloo-4rank.md,
-# "another 2-core machine"). CPU profiles therefore match the CPU model too. Where none was fitted on this
-# model, one that agrees on everything else still applies: it prices the structure of every algorithm,
-# and its picks held on the Xeon (93%), so it is nearer than the defaults.
-def find_profile(topo: Topology, backend: str) -> Params | None:
-    """``$TOPOCOMM_PROFILE`` if set, else the first shipped profile whose match block fits, else the first
-    that fits all but the CPU model ([Note: CPU model]), else None."""
-    env = os.environ.get("TOPOCOMM_PROFILE")
-    if env:
-        return load_profile(env)
-    want, near = hardware_key(topo, backend), None
-    for path in sorted(PROFILE_DIR.glob("*.json")):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        differ = {k for k, v in doc.get("match", {}).items() if want.get(k) != v}
-        if not differ:
-            return Params.from_json(doc["params"])
-        if differ == {"cpu"} and near is None:
-            near = Params.from_json(doc["params"])
-    return near
 
 
 # ---------------------------------------------------------------------------
@@ -465,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"fit: {e}")
     sweeps = [(topo, rows) for _, topo, rows in loaded]
     backend = a.backend or loaded[0][0].get("backend", "gloo")
-    on_cpu = hardware_key(sweeps[-1][0], backend, "-")["device"] == "cpu"
+    on_cpu = device_kind(sweeps[-1][0]) == "cpu"
     cpus = sorted({header["cpu"] for header, _, _ in loaded if header.get("cpu")}) if on_cpu else []
     if len(cpus) > 1:
         ap.error(f"fit: the sweeps ran on different CPUs ({', '.join(cpus)}); fit one machine kind at a time "

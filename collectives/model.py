@@ -56,8 +56,8 @@ the backend: NCCL's ring/tree x LL/LL128/Simple choice with its multi-channel
 rings (one channel per NIC, so rings leave each node through every NIC), gloo's
 ring, MPICH's algorithm families.
 
-This module holds the parameters (Params, the defaults, theta), Plan and
-CostModel with its cache of structures; rounds.py and structures.py build the
+This module holds Plan and CostModel with its cache of structures; params.py
+holds the parameters (Params, the defaults, theta); rounds.py and structures.py build the
 structures, pricing.py evaluates them, native_model.py models the backends' own
 collectives.
 """
@@ -66,12 +66,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import algorithms
+from .calibrate_profiles import find_profile, load_profile
 from .native_model import direct_struct, nccl_options, native_structs, pairwise_struct
 # calibrate.py and the tests also reach coefficients, round_lines and schedule_rounds through this module.
 from .pricing import MessageCurve, _measured, binding, breakdown, evaluate
@@ -80,126 +81,15 @@ from .rounds import (HOST, SETUP, Struct, _Layout, coefficients, join, messages,
 from .structures import (binomial_struct, chain_struct, hd_struct, hierarchical_struct, ring_struct,
                          tree_all_reduce_struct)
 from .execute import default_segment_bytes
+# the parameters, and what calibrate.py and the tests reach through this module
+from .params import (_CPU_HALF_SLOWDOWN, _WORLD_FIELDS, THETA, Params, _theta, default_params, for_topology,
+                     for_world)
 from .schedule import Collective
 from .topology import Topology
 
 OPS = tuple(c.value for c in Collective)
 NATIVE = algorithms.NATIVE
-
-
-# ---------------------------------------------------------------------------
-# Parameters
-# ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Params:
-    """What a prediction needs besides the schedule; calibrate.py fits these."""
-    intra_alpha: float        # s per message inside a node
-    intra_bandwidth: float    # bytes/s one direction of a device's fabric port
-    pair_bandwidth: float     # bytes/s of one transfer between two devices of a node (<= intra_bandwidth)
-    inter_alpha: float        # s per message across nodes
-    inter_bandwidth: float    # bytes/s one direction of one NIC
-    step_overhead: float      # s per schedule step of our executor (post, wait, launch)
-    reduce_bandwidth: float   # bytes/s of memory traffic of a local reduction
-    native_step: float        # s per step inside the backend's own collectives (gloo, MPI)
-    call_overhead: float = 0.0  # s per collective call through the Communicator, any algorithm
-    op_overhead: dict[str, float] = field(default_factory=dict)  # op -> s more per call of our schedules
-    oversubscribed_step: float = 1e-3  # s more per step when a host's busy ranks outnumber its cores
-    message_overhead: float = 0.0  # s of host work per message a rank sends or receives ([Note: messages])
-    nodes: int = 1            # nodes of the run it was calibrated on: one node measures no inter-node link
-    native: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # world -> op -> [alpha, s/byte]
-    # world -> op -> the same, for our kernel over NVLink (direct all-reduce, reduce-scatter: [Note: NVLink direct])
-    kernels: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-    # [bytes, seconds] of one ring step's message by size ([Note: message size] in pricing.py); [] = flat
-    pair_curve: list[list[float]] = field(default_factory=list)
-    # world -> fields fitted on that many ranks of the same machine ([Note: per-world profiles])
-    worlds: dict[str, Any] = field(default_factory=dict)
-    source: str = "defaults"
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Params:
-        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        d.setdefault("pair_bandwidth", d.get("intra_bandwidth"))  # profiles older than the pair tier
-        return cls(**d)
-
-
-# Our executor's fixed cost per step (estimates until calibrated): NCCL: a grouped
-# isend/irecv launch plus a reduction kernel, ~10-20 us from Python; gloo: measured
-# 1.5-2 ms per p2p step with 4 ranks on this 2-core machine, ~0.1 ms on an idle
-# many-core host; MPI (mpi4py): ~20 us.
-_STEP = {"nccl": 15e-6, "gloo": 100e-6, "mpi": 20e-6}
-_NATIVE_STEP = {"nccl": 0.0, "gloo": 30e-6, "mpi": 5e-6}
-# One NCCL send/recv stream between two GPUs: 137-140 GB/s measured on H200 NVSwitch
-# (collectives/profiles/nccl-h200-nvswitch.json), a third of the port; NCCL gives p2p few channels.
-_NCCL_P2P_PAIR = 140e9
-# Communicator overhead per call, any algorithm: 140 us measured through NCCL on H200 (same profile);
-# gloo and MPI: estimates.
-_CALL = {"nccl": 140e-6, "gloo": 300e-6, "mpi": 20e-6}
-# Reductions in float16/bfloat16 on CPU run scalar loops (no native half arithmetic): estimate 4x slower.
-_CPU_HALF_SLOWDOWN = 4.0
-
-
-def default_params(topo: Topology, backend: str) -> Params:
-    nic = topo.nic or topo.intra
-    # A switchless NVLink mesh splits a device's links evenly between its peers.
-    peers = max(len(n) for n in topo.nodes) - 1 if topo.fabric == "nvlink" else 1
-    pair = topo.intra.effective / max(peers, 1)
-    if backend == "nccl" and topo.fabric != "pcie":
-        pair = min(pair, _NCCL_P2P_PAIR)
-    return Params(intra_alpha=topo.intra.latency, intra_bandwidth=topo.intra.effective, pair_bandwidth=pair,
-                  inter_alpha=nic.latency, inter_bandwidth=nic.effective,
-                  step_overhead=_STEP.get(backend, 50e-6),
-                  reduce_bandwidth=topo.device_spec(0).memory_bandwidth,
-                  native_step=_NATIVE_STEP.get(backend, 10e-6), call_overhead=_CALL.get(backend, 50e-6),
-                  nodes=topo.num_nodes)
-
-
-_STREAMED_NATIVE_MARGIN = 1.05
-
-# [Note: per-world profiles]
-# How fast one device moves bytes to a peer depends on how many peers it serves at once: on H200
-# NVSwitch one NCCL p2p stream between two GPUs measured about 310 GB/s, and each of three at once
-# about 195 GB/s; our executor's per-step cost differs as well. One set of fields fitted across
-# world sizes fits neither (calibrate fit, joint fit: 2-GPU rows within 25% rose to 72%, 4-GPU rows
-# fell to 63%). A profile therefore may carry fields fitted on other world sizes of the same
-# machine, which replace the base fields for a communicator of that size; a world size without
-# its own keeps the base (the largest measured).
-_WORLD_FIELDS = ("call_overhead", "step_overhead", "intra_alpha", "inter_alpha", "intra_bandwidth",
-                 "inter_bandwidth", "pair_bandwidth", "reduce_bandwidth", "oversubscribed_step", "native_step",
-                 "message_overhead", "pair_curve", "op_overhead")
-
-
-def for_world(p: Params, world_size: int) -> Params:
-    """``p`` with the fields fitted on ``world_size`` ranks, where it has them."""
-    over = p.worlds.get(str(world_size))
-    return replace(p, **{k: v for k, v in over.items() if k in _WORLD_FIELDS}) if over else p
-
-
-def for_topology(p: Params, topo: Topology) -> Params:
-    """A found profile (shipped, or ``$TOPOCOMM_PROFILE``) applied to ``topo``.
-
-    Profiles are matched on the hardware of one node (calibrate.hardware_key), and one calibrated on
-    one node has only default inter-node terms and straight-line fits of ``native`` measured inside a
-    node. On a multi-node topology such a profile takes the inter-node link from the topology
-    (detected, or stated by ``$TOPOCOMM_NIC_GBPS``) and prices ``native`` by its backend model.
-    """
-    if topo.num_nodes < 2 or p.nodes > 1 or topo.nic is None:
-        return p
-    return replace(p, inter_alpha=topo.nic.latency, inter_bandwidth=topo.nic.effective, native={}, kernels={},
-                   source=f"{p.source} + inter-node {topo.nic.kind} from the topology")
-
-
-THETA = ("call", "step", "alpha_intra", "alpha_inter", "1/B_intra", "1/B_inter", "1/R", "1/B_pair", "sched", "msg")
-
-
-def _theta(p: Params, dtype_slow: float = 1.0) -> np.ndarray:
-    """Parameters in the order of THETA (what calibrate.py fits)."""
-    return np.array([p.call_overhead, p.step_overhead, p.intra_alpha, p.inter_alpha, 1 / p.intra_bandwidth,
-                     1 / p.inter_bandwidth, dtype_slow / p.reduce_bandwidth, 1 / p.pair_bandwidth,
-                     p.oversubscribed_step, p.message_overhead])
+_STREAMED_NATIVE_MARGIN = 1.05  # streamed_plan keeps native within this factor of the best ([Note: streamed calls])
 
 
 # ---------------------------------------------------------------------------
@@ -249,20 +139,19 @@ class CostModel:
 
     ``profile``: a Params, a path to a JSON profile, or None to use
     ``$TOPOCOMM_PROFILE`` or a shipped profile matching the hardware, else the
-    documented defaults (calibrate.find_profile). ``segment_bytes``: the executor's largest segment
+    documented defaults (calibrate_profiles.find_profile). ``segment_bytes``: the executor's largest segment
     of a reducing transfer (default: the Communicator's default for the backend). ``aside``: own-block
     copies run beside the schedule (execute.py [Note: own block aside]; older sweeps: not).
     """
 
     def __init__(self, topology: Topology, backend: str = "gloo", profile: Params | str | os.PathLike | None = None,
                  segment_bytes: int | None = None, aside: bool = True):
-        from . import calibrate
         self.topology, self.backend = topology, backend
         if profile is None:
-            profile = calibrate.find_profile(topology, backend)
+            profile = find_profile(topology, backend)
             profile = for_topology(profile, topology) if profile is not None else None
         elif not isinstance(profile, Params):
-            profile = calibrate.load_profile(profile)
+            profile = load_profile(profile)
         params = profile if profile is not None else default_params(topology, backend)
         self.params: Params = for_world(params, topology.world_size)
         self.curve = MessageCurve.of(self.params.pair_curve, segment_bytes or default_segment_bytes(backend))

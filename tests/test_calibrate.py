@@ -112,6 +112,7 @@ def test_cpu_profiles_match_the_cpu_model_first(tmp_path, monkeypatch, capsys):
     """[Note: CPU model]: a CPU profile fitted on this CPU model wins; one of another model that agrees on the rest
     still applies where none was fitted here; one of another core count never does. A fit refuses CPU sweeps
     taken on different CPU models, naming them."""
+    from collectives import calibrate_profiles
     from collectives.topology import cpu_name
 
     topo = Topology.local(4, cpus=2)
@@ -119,7 +120,7 @@ def test_cpu_profiles_match_the_cpu_model_first(tmp_path, monkeypatch, capsys):
     assert key["cpu"] == cpu_name() and key["cpus"] == 2
     assert "cpu" not in calibrate.hardware_key(Topology.preset("dgx-h100"), "nccl")  # GPUs: the device decides
     monkeypatch.delenv("TOPOCOMM_PROFILE", raising=False)
-    monkeypatch.setattr(calibrate, "PROFILE_DIR", tmp_path)
+    monkeypatch.setattr(calibrate_profiles, "PROFILE_DIR", tmp_path)
     base = M.default_params(topo, "gloo")
     here, other, cores = (dataclasses.replace(base, step_overhead=x) for x in (1e-4, 2e-4, 3e-4))
     calibrate.save_profile(tmp_path / "a-other.json", other, {**key, "cpu": "Another CPU"}, {})

@@ -1,14 +1,17 @@
 """One point-to-point step by message size: the curve the cost model's pair tier follows.
 
-    torchrun --nproc-per-node 4 -m benchmarks.p2p_curve [--json FILE] [-b 1M] [-e 1G]
+    torchrun --nproc-per-node 4 -m benchmarks.p2p_curve [--json FILE] [-b 1M] [-e 1G] [--one-way]
 
 Every rank sends one message of each size to rank + 1 and receives one from
 rank - 1 in one grouped call, as a ring step of our executor does through the
-Communicator's transport (on 2 ranks: an exchange between the pair). Prints
-the slowest rank's time per step (median of --trials loops of -n steps) and
-the message bandwidth; ``--json`` writes them with a header for
-``python -m collectives.calibrate fit --pair-curve FILE`` ([Note: message
-size] in collectives/pricing.py).
+Communicator's transport (on 2 ranks: an exchange between the pair). With
+``--one-way``, rank 0 only sends to rank 1, which only receives, and the other
+ranks sit the steps out: a round of a tree or a chain where no rank both sends
+and receives. Prints the slowest rank's time per step (median of --trials
+loops of -n steps) and the message bandwidth; ``--json`` writes them with a
+header for ``python -m collectives.calibrate fit --pair-curve FILE`` (or
+``--one-way-curve FILE``; [Note: message size] and [Note: one way] in
+collectives/pricing.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ import collectives as C
 from benchmarks._timing import slowest, timed
 from benchmarks.busbw import parse_size, size_range
 
+RING_STEP = "ring step (send to r+1, receive from r-1)"
+ONE_WAY = "one way (rank 0 sends to rank 1, the others sit out)"
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.p2p_curve", description=__doc__.splitlines()[0])
@@ -34,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-n", "--iters", type=int, default=10, help="steps per timed loop (default 10)")
     p.add_argument("--trials", type=int, default=3, help="timed loops per size; the median is kept (default 3)")
     p.add_argument("--json", type=Path, help="write {header, points: [[bytes, seconds], ...]} here")
+    p.add_argument("--one-way", action="store_true", help="rank 0 sends to rank 1, the others sit out")
     a = p.parse_args(argv)
     if a.iters < 1 or a.trials < 1:
         p.error("-n and --trials must be >= 1")
@@ -48,8 +55,13 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.ones(nbytes // 4, device=dev)
         y = torch.empty_like(x)
 
+        if a.one_way:
+            out, into = ([(1, x)] if r == 0 else []), ([(0, y)] if r == 1 else [])
+        else:
+            out, into = [((r + 1) % n, x)], [((r - 1) % n, y)]
+
         def step() -> None:
-            sends, recvs = transport.post([((r + 1) % n, x)], [((r - 1) % n, y)])
+            sends, recvs = transport.post(out, into)
             for w in sends + recvs:
                 w.wait()
 
@@ -60,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         if r == 0:
             print(f"{nbytes:>12d} B  {s * 1e6:9.1f} us  {nbytes / s / 1e9:7.1f} GB/s", flush=True)
     if r == 0 and a.json:
-        header = {"backend": comm.backend, "world_size": n, "pattern": "ring step (send to r+1, receive from r-1)",
+        header = {"backend": comm.backend, "world_size": n, "pattern": ONE_WAY if a.one_way else RING_STEP,
                   "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                   "torch": torch.__version__, "iters": a.iters, "trials": a.trials,
                   "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}

@@ -78,22 +78,23 @@ def features(model: CostModel, coll: Collective, algorithm: str, nbytes: float, 
     """d prediction / d theta at ``theta`` (the prediction is theta . features; order: model.THETA)."""
     k = pipeline or model.best_pipeline(coll, int(nbytes), algorithm)
     x = np.zeros(len(THETA))
-    x[0] = 1
-    for count, L in model.struct(coll, algorithm, k, in_place):
-        j, g = binding(L, theta, nbytes, model.curve)
-        tier, m = int(L[j, 0]), L[j, 3]
-        x[6] += count * m * 3 * L[j, 2] * nbytes
-        if tier == SETUP:  # a buffer copy outside the rounds ([Note: set-up copies] in rounds.py)
-            continue
-        x[1] += count
-        if tier == HOST:  # steps no host posts ([Note: posted ahead] in rounds.py): the step alone
-            continue
-        x[8] += count * (m > 1)
-        x[9] += count * L[j, 4]
-        if tier != 2:
-            x[2 + (tier == 1)] += count
-            stretch = 1 if tier == 1 else m  # [Note: CPU stretch]: a wire is not slowed by busy cores
-            x[{0: 4, 1: 5, 3: 7, 6: 7}[tier]] += count * stretch * L[j, 1] * nbytes * g
+    for w, struct in model.structs(coll, algorithm, k, in_place):  # weights sum to 1 ([Note: back to back])
+        x[0] += w
+        for count, L in struct:
+            j, g = binding(L, theta, nbytes, model.curve)
+            tier, m, c = int(L[j, 0]), L[j, 3], w * count
+            x[6] += c * m * 3 * L[j, 2] * nbytes
+            if tier == SETUP:  # a buffer copy outside the rounds ([Note: set-up copies] in rounds.py)
+                continue
+            x[1] += c
+            if tier == HOST:  # steps no host posts ([Note: posted ahead] in rounds.py): the step alone
+                continue
+            x[8] += c * (m > 1)
+            x[9] += c * L[j, 4]
+            if tier != 2:
+                x[2 + (tier == 1)] += c
+                stretch = 1 if tier == 1 else m  # [Note: CPU stretch]: a wire is not slowed by busy cores
+                x[{0: 4, 1: 5, 3: 7, 6: 7}[tier]] += c * stretch * L[j, 1] * nbytes * g
     return x
 
 
@@ -115,10 +116,11 @@ def fit(rows: list[dict[str, Any]], topo: Topology, backend: str, base: Params |
 
 
 def fit_per_world(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str,
-                  min_bytes: int = _MIN_BYTES, curves: dict[int, list] | None = None) -> tuple[Params, dict[str, Any]]:
+                  min_bytes: int = _MIN_BYTES, curves: dict[int, dict[str, list]] | None = None
+                  ) -> tuple[Params, dict[str, Any]]:
     """Fits each world size's sweeps on their own ([Note: per-world profiles] in model.py): the largest
     world's fit is the base, the others go into ``worlds``; native lines are kept per world size.
-    ``curves``: world size -> measured message curve of that many ranks (load_curve)."""
+    ``curves``: world size -> the Params curve fields measured on that many ranks (load_curves)."""
     by_world: dict[int, list[tuple[Topology, list[dict[str, Any]]]]] = {}
     for topo, rows in sweeps:
         by_world.setdefault(topo.world_size, []).append((topo, rows))
@@ -133,19 +135,34 @@ def fit_per_world(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: 
 
 
 def _base(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str,
-          curves: dict[int, list] | None) -> Params:
-    """The defaults a fit starts from, with the message curve measured at the sweeps' world size."""
+          curves: dict[int, dict[str, list]] | None) -> Params:
+    """The defaults a fit starts from, with the message curves measured at the sweeps' world size."""
     topo = sweeps[0][0]
-    return replace(default_params(topo, backend), pair_curve=(curves or {}).get(topo.world_size, []))
+    return replace(default_params(topo, backend), **(curves or {}).get(topo.world_size, {}))
 
 
-def load_curve(path: str | os.PathLike) -> tuple[int, list[list[float]]]:
-    """(world size, [[bytes, seconds], ...]) of a benchmarks/p2p_curve.py JSON file."""
+def load_curve(path: str | os.PathLike, one_way: bool = False) -> tuple[int, list[list[float]]]:
+    """(world size, [[bytes, seconds], ...]) of a benchmarks/p2p_curve.py JSON file: ring steps, or with
+    ``one_way`` transfers whose ends only send or only receive ([Note: one way] in pricing.py)."""
     doc = json.loads(Path(path).read_text())
     points = [[float(b), float(t)] for b, t in doc["points"]]
     if len(points) < 2:
         raise ValueError(f"{path}: a message curve needs at least 2 points, got {len(points)}")
+    pattern = str(doc["header"].get("pattern", "ring step"))
+    if pattern.startswith("one way") != one_way:
+        want = "--one-way-curve" if pattern.startswith("one way") else "--pair-curve"
+        raise ValueError(f"{path}: measured as '{pattern}', which is a {want} FILE")
     return int(doc["header"]["world_size"]), points
+
+
+def load_curves(pair: list[str], one_way: list[str]) -> dict[int, dict[str, list]]:
+    """world size -> {"pair_curve": points, "one_way_curve": points}, as measured (load_curve)."""
+    out: dict[int, dict[str, list]] = {}
+    for paths, field_, flag in ((pair, "pair_curve", False), (one_way, "one_way_curve", True)):
+        for path in paths:
+            world, points = load_curve(path, flag)
+            out.setdefault(world, {})[field_] = points
+    return out
 
 
 def fit_sweeps(sweeps: list[tuple[Topology, list[dict[str, Any]]]], backend: str, base: Params | None = None,
@@ -318,14 +335,18 @@ def load_rows(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, A
     # Whether own-block copies ran beside the schedule ([Note: own block aside] in execute.py): not before
     # the header said so. "auto" rows time the model's own pick: they measure no algorithm, so they can't
     # calibrate one.
-    extra = {**({"segment_bytes": seg} if seg else {}), "own_block_aside": bool(header.get("own_block_aside"))}
+    # How many calls busbw timed back to back per loop, which a device's calls overlap ([Note: back to back]).
+    extra = {**({"segment_bytes": seg} if seg else {}), "own_block_aside": bool(header.get("own_block_aside")),
+             **({"iters": int(header["iters"])} if header.get("iters") else {})}
     return header, [{**r, **extra} for r in rows if r.get("algorithm") != "auto"]
 
 
 def sweep_model(topo: Topology, backend: str, params: Params | str | None, rows: list[dict[str, Any]]) -> CostModel:
-    """A CostModel of ``params`` pricing transfers cut, and own blocks copied, as the sweep of ``rows`` did."""
+    """A CostModel of ``params`` pricing transfers cut, own blocks copied, and calls timed back to back as the
+    sweep of ``rows`` did ([Note: back to back] in rounds.py)."""
     return CostModel(topo, backend, profile=params, segment_bytes=rows[0].get("segment_bytes") if rows else None,
-                     aside=bool(rows and rows[0].get("own_block_aside")))
+                     aside=bool(rows and rows[0].get("own_block_aside")),
+                     back_to_back=int(rows[0].get("iters", 0)) if rows else 0)
 
 
 def _sweep_topology(header: dict[str, Any], path: str | None) -> Topology:
@@ -382,6 +403,9 @@ def main(argv: list[str] | None = None) -> None:
                         "rows pin the per-call and per-message costs ([Note: messages] in rounds.py)")
     f.add_argument("--pair-curve", action="append", default=[], metavar="FILE",
                    help="message curve of one world size (python -m benchmarks.p2p_curve --json); repeatable")
+    f.add_argument("--one-way-curve", action="append", default=[], metavar="FILE",
+                   help="one-way message curve of one world size (python -m benchmarks.p2p_curve --one-way "
+                        "--json); repeatable")
     f.add_argument("--per-world", action="store_true",
                    help="fit each world size's sweeps on their own (one profile; see [Note: per-world profiles])")
     c = sub.add_parser("check", help="score a profile on busbw sweeps it was not fitted on, and the sweeps on "
@@ -424,7 +448,10 @@ def main(argv: list[str] | None = None) -> None:
     if len(cpus) > 1:
         ap.error(f"fit: the sweeps ran on different CPUs ({', '.join(cpus)}); fit one machine kind at a time "
                  "([Note: CPU model])")
-    curves = dict(load_curve(path) for path in a.pair_curve)
+    try:
+        curves = load_curves(a.pair_curve, a.one_way_curve)
+    except (OSError, ValueError, KeyError) as e:
+        ap.error(f"fit: {e}")
     if a.per_world:
         params, summary = fit_per_world(sweeps, backend, min_bytes=a.min_bytes, curves=curves)
     else:
@@ -434,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     meta.update(header=headers[0] if len(headers) == 1 else headers, topology=sweeps[-1][0].to_json(),
                 note="fitted by python -m collectives.calibrate fit; 'rows' are the measurements",
                 pair_curves=[str(path) for path in a.pair_curve],
+                one_way_curves=[str(path) for path in a.one_way_curve],
                 rows=[{**{k: r[k] for k in ("op", "algorithm", "bytes", "time_us") if k in r},
                        **({"world_size": topo.world_size} if len(sweeps) > 1 else {})}
                       for topo, rows in sweeps for r in rows])

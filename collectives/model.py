@@ -76,7 +76,7 @@ from .calibrate_profiles import find_profile, load_profile
 from .native_model import direct_struct, nccl_options, native_structs, pairwise_struct
 # calibrate.py and the tests also reach coefficients, round_lines and schedule_rounds through this module.
 from .pricing import MessageCurve, _measured, binding, breakdown, evaluate
-from .rounds import (HOST, SETUP, Struct, _Layout, coefficients, join, messages, price_schedule, round_lines,
+from .rounds import (HOST, SETUP, Busy, Struct, _Layout, coefficients, join, messages, price_schedule, round_lines,
                      schedule_rounds, setup_struct)
 from .structures import (binomial_struct, chain_struct, hd_struct, hierarchical_struct, ring_struct,
                          tree_all_reduce_struct)
@@ -141,11 +141,13 @@ class CostModel:
     ``$TOPOCOMM_PROFILE`` or a shipped profile matching the hardware, else the
     documented defaults (calibrate_profiles.find_profile). ``segment_bytes``: the executor's largest segment
     of a reducing transfer (default: the Communicator's default for the backend). ``aside``: own-block
-    copies run beside the schedule (execute.py [Note: own block aside]; older sweeps: not).
+    copies run beside the schedule (execute.py [Note: own block aside]; older sweeps: not). ``back_to_back``:
+    n > 1 prices a call's share of n calls made back to back and waited for together, as busbw times them
+    (on devices; [Note: back to back] in rounds.py); 0 or 1, a call alone.
     """
 
     def __init__(self, topology: Topology, backend: str = "gloo", profile: Params | str | os.PathLike | None = None,
-                 segment_bytes: int | None = None, aside: bool = True):
+                 segment_bytes: int | None = None, aside: bool = True, back_to_back: int = 0):
         self.topology, self.backend = topology, backend
         if profile is None:
             profile = find_profile(topology, backend)
@@ -154,8 +156,12 @@ class CostModel:
             profile = load_profile(profile)
         params = profile if profile is not None else default_params(topology, backend)
         self.params: Params = for_world(params, topology.world_size)
-        self.curve = MessageCurve.of(self.params.pair_curve, segment_bytes or default_segment_bytes(backend))
+        self.curve = MessageCurve.of(self.params.pair_curve, segment_bytes or default_segment_bytes(backend),
+                                     self.params.one_way_curve)
         self._lay, self._nodes, self.aside = _Layout.of(topology), tuple(map(tuple, topology.nodes)), aside
+        stream = _Layout.of(topology, back_to_back=True)
+        self.back_to_back = int(back_to_back) if back_to_back and back_to_back > 1 and stream.back_to_back else 0
+        self._stream = stream if self.back_to_back else None
         self._choices: dict[tuple, Plan] = {}
         self._plans: dict[tuple, Plan] = {}
 
@@ -177,15 +183,28 @@ class CostModel:
         theta[1], theta[9] = self.params.native_step, 0.0
         return theta
 
-    def struct(self, coll: Collective, algorithm: str, pipeline: int = 1, in_place: bool = False) -> Struct:
-        """Structural lines of our ``algorithm`` (cached across models of the same layout); ``in_place``:
-        the call's input is its output's own block ([Note: set-up copies] in rounds.py)."""
-        key = (self._lay.key, coll, algorithm, pipeline, _GENERIC_ONLY, self.aside, in_place)
+    def struct(self, coll: Collective, algorithm: str, pipeline: int = 1, in_place: bool = False,
+               stream: bool = False) -> Struct:
+        """Structural lines of one call of our ``algorithm`` (cached across models of the same layout);
+        ``in_place``: the call's input is its output's own block ([Note: set-up copies] in rounds.py);
+        ``stream``: the rounds its busiest rank works, back to back ([Note: back to back] in rounds.py)."""
+        lay = self._stream if stream and self._stream is not None else self._lay
+        key = (lay.key, coll, algorithm, pipeline, _GENERIC_ONLY, self.aside, in_place)
         if key not in _STRUCTS:
             if len(_STRUCTS) > 2048:
                 _STRUCTS.clear()
-            _STRUCTS[key] = _structure(self._lay, self._nodes, coll, algorithm, pipeline, self.aside, in_place)
+            _STRUCTS[key] = _structure(lay, self._nodes, coll, algorithm, pipeline, self.aside, in_place)
         return _STRUCTS[key]
+
+    def structs(self, coll: Collective, algorithm: str, pipeline: int = 1,
+                in_place: bool = False) -> tuple[tuple[float, Struct], ...]:
+        """(weight, Struct) pairs whose weighted sum prices a call: the call alone, or back to back its
+        share of n calls, the busiest rank's rounds n - 1 times and one whole call ([Note: back to back])."""
+        call = self.struct(coll, algorithm, pipeline, in_place)
+        n = self.back_to_back
+        if not n:
+            return ((1.0, call),)
+        return ((1 - 1 / n, self.struct(coll, algorithm, pipeline, in_place, stream=True)), (1 / n, call))
 
     def sweep(self, op: str | Collective, nbytes: Any, algorithm: str, dtype: Any = "float32",
               pipeline: int | None = None, in_place: bool = False) -> np.ndarray:
@@ -205,7 +224,8 @@ class CostModel:
     def _depth_times(self, coll: Collective, algorithm: str, ks, theta: np.ndarray, S: np.ndarray,
                      in_place: bool = False) -> np.ndarray:
         """depths x sizes: predicted seconds of our ``algorithm`` in each number of parts of ``ks``."""
-        return np.array([evaluate(self.struct(coll, algorithm, k, in_place), theta, S, curve=self.curve) for k in ks])
+        return np.array([sum(w * evaluate(st, theta, S, curve=self.curve)
+                             for w, st in self.structs(coll, algorithm, k, in_place)) for k in ks])
 
     def _kernel(self, coll: Collective, algorithm: str) -> list | None:
         """The measured fit of ``algorithm`` where it runs as our NVLink kernel ([Note: NVLink direct]):
@@ -384,7 +404,10 @@ def _structure(lay: _Layout, nodes: tuple, coll: Collective, algorithm: str, pip
     if out is None:
         s = algorithms.build(algorithm, coll, len(lay.node), root=0, nodes=nodes, pipeline=pipeline)
         out = price_schedule(s, lay)
-    return join(out, setup_struct(lay, coll, algorithm=algorithm if aside else None, in_place=in_place)) if out else out
+    setup = setup_struct(lay, coll, algorithm=algorithm if aside else None, in_place=in_place)
+    if isinstance(out, Busy):  # back to back: the busiest rank's rounds, and its copies ([Note: back to back])
+        return out.struct(setup, np.arange(len(lay.node)) != 0 if coll is C.REDUCE else None)
+    return join(out, setup) if out else out
 
 
 _GENERIC_ONLY = False  # tests flip it to price every algorithm from its Schedule

@@ -32,6 +32,8 @@ class Params:
     kernels: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     # [bytes, seconds] of one ring step's message by size ([Note: message size] in pricing.py); [] = flat
     pair_curve: list[list[float]] = field(default_factory=list)
+    # the same for a transfer whose ends only send or only receive in the round ([Note: one way]); [] = flat
+    one_way_curve: list[list[float]] = field(default_factory=list)
     # world -> fields fitted on that many ranks of the same machine ([Note: per-world profiles])
     worlds: dict[str, Any] = field(default_factory=dict)
     source: str = "defaults"
@@ -87,7 +89,7 @@ def default_params(topo: Topology, backend: str) -> Params:
 # its own keeps the base (the largest measured).
 _WORLD_FIELDS = ("call_overhead", "step_overhead", "intra_alpha", "inter_alpha", "intra_bandwidth",
                  "inter_bandwidth", "pair_bandwidth", "reduce_bandwidth", "oversubscribed_step", "native_step",
-                 "message_overhead", "pair_curve", "op_overhead")
+                 "message_overhead", "pair_curve", "one_way_curve", "op_overhead")
 
 
 def for_world(p: Params, world_size: int) -> Params:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .rounds import _TIERS, HOST, PAIR, SETUP, Struct, coefficients
+from .rounds import _TIERS, HOST, ONE_WAY, PAIR, SETUP, Struct, coefficients
 
 # [Note: message size]
 # A tier-3 line is one stream between two devices, and its rate depends on the size of the message:
@@ -28,39 +28,53 @@ from .rounds import _TIERS, HOST, PAIR, SETUP, Struct, coefficients
 # factor multiplies bytes / B_pair, keeping a prediction linear in theta.
 
 # [Note: one way]
-# The curve is measured on ring steps, where every GPU sends and receives at once. A GPU that only sends
-# or only receives in a round is not slowed that way: one send alone moved 275-346 GB/s per message where
-# the ring step moved 143-160 GB/s (32-128 MiB, 4 x H200), and a depth-1 chain reduce (one transfer a
-# round) ran 1.9x faster than the curve priced it at 16 MiB-1 GiB. The pair lines of transfers whose ends
-# neither both send and receive in the round are tier 6, priced at the flat 1/B_pair, where the port's
-# line (tier 0) usually binds.
+# The curve is measured on ring steps, where every GPU sends and receives at once. A transfer whose ends
+# only send or only receive in the round (tier 6: a tree's or an unpipelined chain's rounds) moves at a
+# rate of its own, with a curve of its own (benchmarks/p2p_curve.py --one-way: rank 0 sends to rank 1 and
+# the others sit out). On 4 x H200 (NCCL 2.28) one such message moved 235-257 GB/s at 16-128 MiB and
+# 352-369 GB/s from 256 MiB, where a ring step moved 117-158 and 297-358; on 2 x H200 it moved 274-347
+# GB/s at 16-128 MiB. Without a one-way curve the line is priced at the flat 1/B_pair, where the port's
+# line (tier 0) usually binds: a depth-1 chain reduce priced with the ring-step curve ran 1.9x faster, and
+# a binomial broadcast of 64 MiB priced flat ran 0.74x of the price (two transfers of 270 us each, back to
+# back, against 185 us at the port's rate). Each curve is a slowdown against its own fastest rate.
 
 
 @dataclass(frozen=True)
 class MessageCurve:
-    log_bytes: np.ndarray
-    slowdown: np.ndarray
+    """Per pair tier (PAIR: ring steps; ONE_WAY: [Note: one way]), log message size -> slowdown."""
+    tables: tuple[tuple[int, np.ndarray, np.ndarray], ...]
     segment: float
 
     @classmethod
-    def of(cls, points, segment: float) -> MessageCurve | None:
-        """From measured [bytes, seconds] points (benchmarks/p2p_curve.py); None without two of them."""
-        pts = sorted((float(b), float(t)) for b, t in points or () if b > 0 and t > 0)
-        if len(pts) < 2:
-            return None
-        S, t = np.array(pts).T
-        knee = int(np.argmax(t >= 2 * t.min())) if (t >= 2 * t.min()).any() else len(t) - 1
-        rate = S / t
-        slow = rate[knee:].max() / rate
-        slow[:knee] = slow[knee]
-        return cls(np.log(S), slow, float(segment))
+    def of(cls, points, segment: float, one_way=None) -> MessageCurve | None:
+        """From measured [bytes, seconds] points of ring steps and of one-way transfers (benchmarks/p2p_curve.py);
+        None without two points of either."""
+        tables = tuple((tier, *t) for tier, pts in ((PAIR, points), (ONE_WAY, one_way))
+                       if (t := _slowdowns(pts)) is not None)
+        return cls(tables, float(segment)) if tables else None
 
     def factor(self, L: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
-        """lines x sizes: how much slower than 1/B_pair each tier-3 line's messages move (1 elsewhere)."""
+        """lines x sizes: how much slower than 1/B_pair each pair line's messages move (1 elsewhere)."""
         msg = L[:, 1][:, None] * nbytes[None, :]
         msg = np.where(L[:, 2][:, None] > 0, np.minimum(msg, self.segment), msg)
-        g = np.interp(np.log(np.maximum(msg, 1.0)), self.log_bytes, self.slowdown)
-        return np.where((L[:, 0] == PAIR)[:, None], g, 1.0)
+        x = np.log(np.maximum(msg, 1.0))
+        out = np.ones_like(msg)
+        for tier, log_bytes, slowdown in self.tables:
+            out = np.where((L[:, 0] == tier)[:, None], np.interp(x, log_bytes, slowdown), out)
+        return out
+
+
+def _slowdowns(points) -> tuple[np.ndarray, np.ndarray] | None:
+    """(log bytes, slowdown against the fastest rate) of measured points ([Note: message size])."""
+    pts = sorted((float(b), float(t)) for b, t in points or () if b > 0 and t > 0)
+    if len(pts) < 2:
+        return None
+    S, t = np.array(pts).T
+    knee = int(np.argmax(t >= 2 * t.min())) if (t >= 2 * t.min()).any() else len(t) - 1
+    rate = S / t
+    slow = rate[knee:].max() / rate
+    slow[:knee] = slow[knee]
+    return np.log(S), slow
 
 
 def line_times(L: np.ndarray, theta: np.ndarray, nbytes: np.ndarray,

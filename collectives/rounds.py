@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +52,8 @@ def coefficients(L: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarr
 class _Layout:
     """Rank -> node, global NIC index and host, as arrays; ``cpus`` per host when ranks are CPU-bound;
     ``device``: ranks are accelerators whose hosts post steps ahead ([Note: posted ahead]); ``slot``: bytes
-    of a shared-memory slot between CPU ranks ([Note: shared cores])."""
+    of a shared-memory slot between CPU ranks ([Note: shared cores]); ``back_to_back``: price one call of a
+    stream of calls on devices ([Note: back to back])."""
     node: np.ndarray
     nic: np.ndarray
     host: np.ndarray
@@ -59,9 +61,10 @@ class _Layout:
     key: tuple
     device: bool = False
     slot: float = float(DEFAULT_SLOT_BYTES)
+    back_to_back: bool = False
 
     @classmethod
-    def of(cls, topo: Topology) -> _Layout:
+    def of(cls, topo: Topology, back_to_back: bool = False) -> _Layout:
         node = np.array(topo.node_of(), dtype=np.int64)
         nic = node * max(topo.nics_per_node, 1) + np.array(topo.nic_of(), dtype=np.int64)
         names = {h: i for i, h in enumerate(dict.fromkeys(topo.hosts))}
@@ -69,8 +72,9 @@ class _Layout:
         device = bool(topo.devices) and topo.devices[0] != "cpu"
         cpus = 0 if device else topo.cpus
         slot = float(slot_bytes_setting()) if cpus else float(DEFAULT_SLOT_BYTES)
+        stream = back_to_back and device
         return cls(node, nic, host, cpus, (tuple(map(tuple, topo.nodes)), topo.nics_per_node,
-                                           tuple(host.tolist()), cpus, device, slot), device, slot)
+                                           tuple(host.tolist()), cpus, device, slot, stream), device, slot, stream)
 
     def stretch(self, busy: np.ndarray) -> np.ndarray:
         """Per rank: busy / cores (at least 1), the slowdown of plain time-slicing of the host's CPUs."""
@@ -212,8 +216,10 @@ def messages(lay: _Layout, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 # 0.1286 to 0.1272; the tree broadcast's rows at 64 KiB-1 MiB went from 1.21/1.19/1.28x of each row's
 # median to 1.20/1.12/1.11x.
 def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np.ndarray,
-                red_rank: np.ndarray | None = None, red_frac: float | np.ndarray = 0.0) -> np.ndarray:
-    """The lines of one round: transfers src->dst moving ``frac`` of the buffer; ranks reducing."""
+                red_rank: np.ndarray | None = None, red_frac: float | np.ndarray = 0.0,
+                rank: int | None = None) -> np.ndarray:
+    """The lines of one round: transfers src->dst moving ``frac`` of the buffer; ranks reducing. ``rank``: only
+    that rank's own transfers and reductions, in the round's company ([Note: back to back])."""
     n = len(lay.node)
     red = np.zeros(n)
     if red_rank is not None and len(red_rank):
@@ -229,11 +235,15 @@ def round_lines(lay: _Layout, src: np.ndarray, dst: np.ndarray, frac: float | np
     heavy = np.where(work[src] >= work[dst], src, dst)
     both = (np.bincount(src, minlength=n) > 0) & (np.bincount(dst, minlength=n) > 0)  # ranks sending and receiving
     loads, r_edge, q_edge = edge_loads(lay, src, dst, f), np.maximum(red[src], red[dst]), np.maximum(q[src], q[dst])
+    duplex, mine, alone_red = both[src] | both[dst], slice(None), lonely
+    if rank is not None:
+        mine, alone_red = (src == rank) | (dst == rank), lonely[lonely == rank]
+        r_edge = np.full(len(src), red[rank])
 
     def lines(m: np.ndarray, cut: float = 0.0, side: int = 0) -> np.ndarray:
-        out = np.concatenate([_lines(loads, r_edge, m[heavy], q_edge, both[src] | both[dst], cut, side),
-                              _when(np.column_stack([np.full(len(lonely), 2.0), np.zeros(len(lonely)), red[lonely],
-                                                     m[lonely], q[lonely]]), cut, side)])
+        out = np.concatenate([_lines(loads[mine], r_edge[mine], m[heavy][mine], q_edge[mine], duplex[mine], cut, side),
+                              _when(np.column_stack([np.full(len(alone_red), 2.0), np.zeros(len(alone_red)),
+                                                     red[alone_red], m[alone_red], q[alone_red]]), cut, side)])
         return _pareto(out) if len(out) else np.zeros((0, WIDTH))
 
     # a sender and a receiver that have no other peer work one after the other ([Note: shared cores])
@@ -286,6 +296,58 @@ def _collect(rounds: list[np.ndarray]) -> Struct:
 # structures in which every rank works every round (ring, halving-doubling on 2^k ranks, direct,
 # pairwise) are unchanged. On CPU the host moves the bytes itself, a step waits for the one before it,
 # and every round costs its step.
+# [Note: back to back]
+# busbw, as nccl-tests does, times -n calls made back to back and one wait for them all. On devices a rank
+# that has done its part of one call goes on to the next, so the calls overlap: after the first call, each
+# call adds only what its busiest rank does, and n calls cost one call alone and n - 1 of the busiest rank's
+# shares. CostModel(back_to_back=n) prices a call as (1 - 1/n) share + call / n. A rank's share is the rounds
+# it works, each priced by its own transfers and reductions in the round's company (round_lines(..., rank)),
+# and its own set-up copies (a reduce's senders clone their buffer, the root does not); the busiest rank
+# works the most rounds, and among those moves and reduces the most bytes. Measured on 4 x H200 (NCCL 2.28,
+# benchmarks/probes/overlap.py): a one-part chain broadcast of 1 GiB took 5.8 ms a call back to back and 8.8
+# alone, its inner ranks working 2 of its 3 rounds; a binomial tree, whose root works every round, 5.80 and
+# 5.84 ms; the chain of 64 MiB 526 and 841-850 us. Priced one call at a time against busbw, the fit had
+# learned some of that overlap into its constants and priced the tree broadcast of 64 MiB 0.74x and the
+# chain reduce of 4 MiB 1.25x of their medians over twenty-one held-out launches; priced back to back (with
+# the one-way curve of [Note: one way] in pricing.py) and refitted, 0.93x and 1.09x. On 2 x H200 a reduce
+# of 64-256 MiB ran 236-247 and 882-892 us back to back, about the root's transfer and reduction; the clone
+# of the next call hides behind them. calibrate.py prices busbw's device rows this way; a Communicator's
+# plan() prices a call alone, which is what a blocking call waits for. CPU ranks are priced one call at a
+# time either way: the shared cores bound the host's work already ([Note: shared cores]).
+def worked(lay: _Layout, rounds: list[np.ndarray], active: np.ndarray,
+           lines_of: Callable[[int, int], np.ndarray] | None = None) -> Struct | Busy:
+    """A structure from its rounds' lines and ``active`` (rounds x ranks: who sends, receives or reduces in each):
+    one call's rounds and the steps its hosts post ([Note: posted ahead]); back to back on devices, a Busy
+    whose ranks' own lines ``lines_of(round, rank)`` gives ([Note: back to back])."""
+    active = np.asarray(active, bool)
+    if lay.back_to_back and lines_of is not None:
+        return Busy(active, lines_of)
+    return join(_collect(rounds), posted(lay, active))
+
+
+@dataclass(frozen=True)
+class Busy:
+    """Who works which rounds of a structure, and each rank's own lines in them ([Note: back to back])."""
+    active: np.ndarray  # rounds x ranks
+    lines_of: Callable[[int, int], np.ndarray]  # (round, rank) -> the rank's own transfers and reductions
+
+    def struct(self, setup: Struct = (), copies: np.ndarray | None = None) -> Struct:
+        """The rounds of the busiest rank, with ``setup`` (the set-up copies) if it is one of ``copies``: the
+        rank working the most rounds, and among those, the most bytes moved and reduced (16 of them tried)."""
+        n = self.active.shape[1]
+        copies = np.ones(n, bool) if copies is None else np.asarray(copies, bool)
+        extra = sum(float(L[:, 2].sum()) for _, L in setup)
+        count = self.active.sum(axis=0)
+        tied = np.flatnonzero(count == count.max())
+        best: tuple[float, list[np.ndarray], int] | None = None
+        for b in tied[np.unique(np.linspace(0, len(tied) - 1, min(len(tied), 16)).astype(int))]:
+            rounds = [self.lines_of(int(t), int(b)) for t in np.flatnonzero(self.active[:, b])]
+            work = sum(float((L[:, 1] + L[:, 2]).max()) for L in rounds if len(L)) + extra * copies[b]
+            if best is None or work > best[0]:
+                best = (work, rounds, int(b))
+        return join(_collect(best[1]), setup if copies[best[2]] else ())
+
+
 def posted(lay: _Layout, active: np.ndarray) -> Struct:
     """The HOST line of a structure whose ``active`` (rounds x ranks) says who works ([Note: posted ahead])."""
     if not lay.device:
@@ -365,8 +427,15 @@ def price_schedule(s: Schedule, lay: _Layout) -> Struct:
                     rf.append(op.nchunks / s.nchunks)
     rounds = [round_lines(lay, np.array(a, np.int64), np.array(b, np.int64), np.array(f, float),
                           np.array(c, np.int64), np.array(d, float)) for a, b, f, c, d in per.values()]
-    live = [a + b + c for (a, b, _, c, _), lines in zip(per.values(), rounds) if len(lines)]
-    return join(_collect(rounds), posted(lay, _active(s.world_size, *live)))
+    live = [(lines, a + b + c, args) for (a, b, _, c, _), lines, args in zip(per.values(), rounds, per.values())
+            if len(lines)]
+
+    def lines_of(t: int, rank: int) -> np.ndarray:
+        a, b, f, c, d = live[t][2]
+        return round_lines(lay, np.array(a, np.int64), np.array(b, np.int64), np.array(f, float),
+                           np.array(c, np.int64), np.array(d, float), rank=rank)
+
+    return worked(lay, [lines for lines, _, _ in live], _active(s.world_size, *(who for _, who, _ in live)), lines_of)
 
 
 def join(*parts: Struct) -> Struct:

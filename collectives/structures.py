@@ -13,7 +13,8 @@ from collections import Counter
 
 import numpy as np
 
-from .rounds import Struct, _active, _collect, _host_line, _Layout, _lines, _pareto, edge_loads, join, posted, round_lines
+from .rounds import (Struct, _active, _collect, _host_line, _Layout, _lines, _pareto, edge_loads, join, round_lines,
+                     worked)
 from .schedule import Collective
 
 
@@ -41,7 +42,8 @@ def chain_struct(lay: _Layout, pipeline: int, first: int = 0, reduce: bool = Fal
     src = (first + np.arange(n - 1)) % n
     dst = (src + 1) % n
     full = edge_loads(lay, src, dst, 1 / k)
-    if full[:, 1].max() > 1 / k or lay.cpus:  # a port or NIC serves several edges, or ranks share CPUs
+    # a port or NIC serves several edges, ranks share CPUs, or calls overlap ([Note: back to back])
+    if full[:, 1].max() > 1 / k or lay.cpus or lay.back_to_back:
         return windowed_struct(lay, src, dst, np.arange(n - 1), k, 1 / k, reduce, k + n - 2)
     r = 1 / k if reduce else 0.0
     kinds, ids = np.unique(full, axis=0, return_inverse=True)
@@ -68,13 +70,20 @@ def windowed_struct(lay: _Layout, src: np.ndarray, dst: np.ndarray, start: np.nd
     src, dst, start = (np.asarray(x, np.int64) for x in (src, dst, start))
     red = np.broadcast_to(np.asarray(reduce, bool), src.shape)
     starts = np.unique(start)
-    rounds, memo = [], {}
+    rounds, memo, windows = [], {}, []
     for t in range(nrounds):
         key = (np.searchsorted(starts, t - pipeline + 1), np.searchsorted(starts, t, side="right"))
         if key not in memo:  # the active edges are those whose start lies in the window
             on = (start >= t - pipeline + 1) & (start <= t)
-            memo[key] = round_lines(lay, src[on], dst[on], frac, dst[on & red], frac)
-        rounds.append(memo[key])
+            memo[key] = (on, None if lay.back_to_back
+                         else round_lines(lay, src[on], dst[on], frac, dst[on & red], frac))
+        windows.append(memo[key][0])
+        rounds.append(memo[key][1])
+
+    def lines_of(t: int, rank: int) -> np.ndarray:  # [Note: back to back]
+        on = windows[t]
+        return round_lines(lay, src[on], dst[on], frac, dst[on & red], frac, rank=rank)
+
     if not lay.device:
         return _collect(rounds)
     # each edge keeps both its ends busy for rounds [start, start + pipeline): count open windows per rank
@@ -82,7 +91,7 @@ def windowed_struct(lay: _Layout, src: np.ndarray, dst: np.ndarray, start: np.nd
     for end in (src, dst):
         np.add.at(open_, (end, np.clip(start, 0, nrounds)), 1)
         np.add.at(open_, (end, np.clip(start + pipeline, 0, nrounds)), -1)
-    return join(_collect(rounds), posted(lay, (np.cumsum(open_, axis=1)[:, :nrounds] > 0).T))
+    return worked(lay, rounds, (np.cumsum(open_, axis=1)[:, :nrounds] > 0).T, lines_of)
 
 
 def _tree_shape(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -148,11 +157,15 @@ def hd_struct(lay: _Layout, coll: Collective, full: bool = False) -> Struct:
     surv = np.concatenate([2 * np.arange(r) + 1, np.arange(2 * r, n)]).astype(np.int64)
     even, odd = 2 * np.arange(r), 2 * np.arange(r) + 1
     s = np.arange(m)
-    rounds, who = [], []
+    rounds, who, args = [], [], []
 
     def add(src: np.ndarray, dst: np.ndarray, *rest) -> None:
         rounds.append(round_lines(lay, src, dst, *rest))
         who.append(np.concatenate([src, dst]))
+        args.append((src, dst, *rest))
+
+    def lines_of(t: int, rank: int) -> np.ndarray:  # [Note: back to back]
+        return round_lines(lay, *args[t], rank=rank)
 
     if coll is Collective.ALL_REDUCE:
         if r:
@@ -165,7 +178,7 @@ def hd_struct(lay: _Layout, coll: Collective, full: bool = False) -> Struct:
             add(surv, surv[s ^ (m >> (i + 1))], f)
         if r:
             add(odd, even, 1.0)
-        return join(_collect(rounds), posted(lay, _active(n, *who)))
+        return worked(lay, rounds, _active(n, *who), lines_of)
     # Blocked layouts: survivor s owns blocks [lo_s, hi_s) (two for the folded pairs), in survivor order.
     lo = np.where(surv < 2 * r, surv - 1, surv)
     hi = surv + 1
@@ -195,7 +208,7 @@ def hd_struct(lay: _Layout, coll: Collective, full: bool = False) -> Struct:
             add(surv, surv[s ^ d], span(d, s) / n)
         if r:
             add(fold_dst, fold_src, fold_frac)
-    return join(_collect(rounds), posted(lay, _active(n, *who)))
+    return worked(lay, rounds, _active(n, *who), lines_of)
 
 
 def hierarchical_struct(lay: _Layout, nodes: tuple[tuple[int, ...], ...], parts: int = 1) -> Struct | None:

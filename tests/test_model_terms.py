@@ -81,7 +81,7 @@ def test_fit_with_a_measured_curve_recovers_the_pair_bandwidth(tmp_path):
     rows = [{"op": op, "algorithm": a, "bytes": s, "time_us": model.predict(op, s, a) * 1e6}
             for op in ("all_reduce", "reduce_scatter", "all_gather") for a in ("ring", "halving_doubling", "direct")
             for s in (1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26)]
-    params, summary = calibrate.fit_per_world([(topo, rows)], "nccl", curves={4: POINTS})
+    params, summary = calibrate.fit_per_world([(topo, rows)], "nccl", curves={4: {"pair_curve": POINTS}})
     assert params.pair_curve == POINTS
     assert params.pair_bandwidth == pytest.approx(truth.pair_bandwidth, rel=0.02)
     assert max(abs(r - 1) for r in summary["ratios"].values()) < 0.02

@@ -159,9 +159,9 @@ class CostModel:
         self.curve = MessageCurve.of(self.params.pair_curve, segment_bytes or default_segment_bytes(backend),
                                      self.params.one_way_curve)
         self._lay, self._nodes, self.aside = _Layout.of(topology), tuple(map(tuple, topology.nodes)), aside
-        stream = _Layout.of(topology, back_to_back=True)
-        self.back_to_back = int(back_to_back) if back_to_back and back_to_back > 1 and stream.back_to_back else 0
-        self._stream = stream if self.back_to_back else None
+        stream = _Layout.of(topology, back_to_back=True) if back_to_back and back_to_back > 1 else None
+        self._stream = stream if stream is not None and stream.back_to_back else None  # devices only
+        self.back_to_back = int(back_to_back) if self._stream is not None else 0
         self._choices: dict[tuple, Plan] = {}
         self._plans: dict[tuple, Plan] = {}
 

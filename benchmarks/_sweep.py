@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from collectives.__main__ import format_size
+from collectives.sizes import format_size
 from collectives.ops import Reduction
 
 from ._ops import BenchOp, Layout, check_input, count_wrong

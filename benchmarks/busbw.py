@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import shlex
 import sys
 import time
@@ -35,7 +34,7 @@ import torch
 from benchmarks._launch import LAUNCHER_ENV, launched, spawn, spawned
 
 from collectives import algorithms
-from collectives.__main__ import format_size
+from collectives.sizes import format_size, parse_size
 from collectives.schedule import Collective
 
 from . import _report
@@ -48,15 +47,6 @@ DTYPES = {"float": torch.float32, "float32": torch.float32, "fp32": torch.float3
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16,
           "int32": torch.int32, "int": torch.int32, "int64": torch.int64, "long": torch.int64}
-
-
-def parse_size(text: str) -> int:
-    """'1K' -> 1024, '64M', '1G', '1.5M', '4096', '16MiB', '1KB' (binary multiples, as nccl-tests)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 1024, 1K, 64M, 1G")
-    scale = 1 << (10 * " kmgt".index(m.group(2).lower() or " "))
-    return int(float(m.group(1)) * scale)
 
 
 def size_range(minbytes: int, maxbytes: int, factor: float, step: int) -> tuple[int, ...]:

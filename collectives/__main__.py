@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -19,28 +18,13 @@ from pathlib import Path
 from . import algorithms
 from .model import OPS, CostModel
 from .schedule import Collective
+from .sizes import format_size, parse_size
 from .topology import PRESETS, Topology
 
 # nccl-tests' bus bandwidth factors (DESIGN.md, "Command lines").
 BUSBW = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
          "all_gather": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
          "broadcast": lambda n: 1.0, "reduce": lambda n: 1.0}
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'1G', '64M', '1K', '4096', '1.5GiB' -> bytes (binary units, as nccl-tests reads them)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"size {text!r}: expected a number with an optional K, M, G or T")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
-def format_size(n: float) -> str:
-    for unit in ("T", "G", "M", "K"):
-        if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
-            return f"{n // _UNITS[unit]:.0f}{unit}"
-    return f"{n:.0f}"
 
 
 def load_topology(spec: str, nodes: int | None) -> Topology:

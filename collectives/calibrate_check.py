@@ -46,9 +46,9 @@ from typing import Any
 
 import numpy as np
 
-from .__main__ import format_size
 from .model import CostModel
 from .schedule import Collective
+from .sizes import format_size
 
 ROW_TOLERANCE = 0.25   # a row is right when predicted / measured is within 1 +- this
 PICK_TOLERANCE = 0.05  # a pick is right when it ran within 1 + this of the measured best

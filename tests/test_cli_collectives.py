@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from collectives import algorithms
-from collectives.__main__ import format_size, main, parse_size
+from collectives.__main__ import main
+from collectives.sizes import format_size, parse_size
 from collectives.schedule import Collective
 from collectives.topology import Topology
 
@@ -47,7 +48,7 @@ def test_bad_topology_fails_with_a_message():
 
 def test_sizes():
     assert parse_size("1G") == 1 << 30 and parse_size("64M") == 64 << 20 and parse_size("1K") == 1024
-    assert parse_size("4096") == 4096 and parse_size("1.5GiB") == 3 << 29
+    assert parse_size("4096") == 4096 and parse_size("1.5GiB") == 3 << 29 and parse_size(".5K") == 512
     assert format_size(1 << 30) == "1G" and format_size(3000) == "3000"
     with pytest.raises(Exception):
         parse_size("lots")

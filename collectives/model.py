@@ -77,7 +77,7 @@ from .native_model import direct_struct, nccl_options, native_structs, pairwise_
 # calibrate.py and the tests also reach coefficients, round_lines and schedule_rounds through this module.
 from .pricing import MessageCurve, _measured, binding, breakdown, evaluate
 from .rounds import (HOST, SETUP, Busy, Struct, _Layout, coefficients, join, messages, price_schedule, round_lines,
-                     schedule_rounds, setup_struct)
+                     copying_ranks, schedule_rounds, setup_struct)
 from .structures import (binomial_struct, chain_struct, hd_struct, hierarchical_struct, ring_struct,
                          tree_all_reduce_struct)
 from .execute import default_segment_bytes
@@ -406,7 +406,7 @@ def _structure(lay: _Layout, nodes: tuple, coll: Collective, algorithm: str, pip
         out = price_schedule(s, lay)
     setup = setup_struct(lay, coll, algorithm=algorithm if aside else None, in_place=in_place)
     if isinstance(out, Busy):  # back to back: the busiest rank's rounds, and its copies ([Note: back to back])
-        return out.struct(setup, np.arange(len(lay.node)) != 0 if coll is C.REDUCE else None)
+        return out.struct(setup, copying_ranks(len(lay.node), coll))
     return join(out, setup) if out else out
 
 

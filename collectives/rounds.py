@@ -331,11 +331,10 @@ class Busy:
     active: np.ndarray  # rounds x ranks
     lines_of: Callable[[int, int], np.ndarray]  # (round, rank) -> the rank's own transfers and reductions
 
-    def struct(self, setup: Struct = (), copies: np.ndarray | None = None) -> Struct:
-        """The rounds of the busiest rank, with ``setup`` (the set-up copies) if it is one of ``copies``: the
-        rank working the most rounds, and among those, the most bytes moved and reduced (16 of them tried)."""
-        n = self.active.shape[1]
-        copies = np.ones(n, bool) if copies is None else np.asarray(copies, bool)
+    def struct(self, setup: Struct, copies: np.ndarray) -> Struct:
+        """The rounds of the busiest rank, with ``setup`` (the set-up copies) if ``copies`` says it makes them
+        (copying_ranks): the rank working the most rounds, and among those, the most bytes moved and reduced
+        (16 of them tried)."""
         extra = sum(float(L[:, 2].sum()) for _, L in setup)
         count = self.active.sum(axis=0)
         tied = np.flatnonzero(count == count.max())
@@ -425,17 +424,15 @@ def price_schedule(s: Schedule, lay: _Layout) -> Struct:
                 elif isinstance(op, Recv) and op.reduce:
                     rr.append(r)
                     rf.append(op.nchunks / s.nchunks)
-    rounds = [round_lines(lay, np.array(a, np.int64), np.array(b, np.int64), np.array(f, float),
-                          np.array(c, np.int64), np.array(d, float)) for a, b, f, c, d in per.values()]
-    live = [(lines, a + b + c, args) for (a, b, _, c, _), lines, args in zip(per.values(), rounds, per.values())
-            if len(lines)]
+    args = [(np.array(a, np.int64), np.array(b, np.int64), np.array(f, float), np.array(c, np.int64),
+             np.array(d, float)) for a, b, f, c, d in per.values()]
+    live = [(lines, x) for x in args if len(lines := round_lines(lay, *x))]
 
-    def lines_of(t: int, rank: int) -> np.ndarray:
-        a, b, f, c, d = live[t][2]
-        return round_lines(lay, np.array(a, np.int64), np.array(b, np.int64), np.array(f, float),
-                           np.array(c, np.int64), np.array(d, float), rank=rank)
+    def lines_of(t: int, rank: int) -> np.ndarray:  # [Note: back to back]
+        return round_lines(lay, *live[t][1], rank=rank)
 
-    return worked(lay, [lines for lines, _, _ in live], _active(s.world_size, *(who for _, who, _ in live)), lines_of)
+    who = [np.concatenate([src, dst, red]) for _, (src, dst, _, red, _) in live]
+    return worked(lay, [lines for lines, _ in live], _active(s.world_size, *who), lines_of)
 
 
 def join(*parts: Struct) -> Struct:
@@ -471,9 +468,15 @@ def setup_struct(lay: _Layout, coll: Collective, root: int = 0, algorithm: str |
         return ()
     if algorithm is not None and lay.device and coll in _OWN_BLOCK and own_block_hidden(algorithm, coll, n):
         return ()
-    busy = np.arange(n) != root if coll is Collective.REDUCE else np.ones(n, bool)  # the root reduces in place
+    busy = copying_ranks(n, coll, root)
     m = float(lay.stretch(busy)[busy].max())
     return ((1, _when(np.array([[float(SETUP), 0.0, 2 * copy(n) / 3, m, 0.0]]))),)
+
+
+def copying_ranks(n: int, coll: Collective, root: int = 0) -> np.ndarray:
+    """Per rank, whether run_collective makes set-up copies there: every rank, but a reduce's root, which
+    reduces in place ([Note: set-up copies])."""
+    return np.arange(n) != root if coll is Collective.REDUCE else np.ones(n, bool)
 
 
 _OWN_BLOCK = (Collective.ALL_GATHER, Collective.ALL_TO_ALL)

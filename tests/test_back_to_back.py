@@ -130,3 +130,24 @@ def test_curve_files_must_match_the_flag(tmp_path):
         calibrate.load_curve(one)
     with pytest.raises(ValueError, match="--pair-curve"):
         calibrate.load_curve(ring, one_way=True)
+
+
+@pytest.mark.parametrize("topo", [Topology.preset("dgx-h100", 1), Topology.preset("dgx-h100", 2),
+                                  Topology.local(3, device="H200", cpus=0), Topology.local(5, device="H200", cpus=0)],
+                         ids=["dgx-h100", "dgx-h100 x2", "3 GPUs", "5 GPUs"])
+def test_back_to_back_structures_match_schedule_pricing(topo, monkeypatch):
+    """The busiest rank's rounds of the generated structures are those of the registry's Schedules, priced round
+    by round (rounds.price_schedule), rank for rank."""
+    lay, nodes = M._Layout.of(topo, back_to_back=True), tuple(map(tuple, topo.nodes))
+    theta, sizes = M._theta(M.Params(**BASE)), np.array([1e3, 1e6, 1e9])
+    for coll in C:
+        for algo in M.algorithms.supported(coll):
+            if algo == M.NATIVE:
+                continue
+            for k in ((1, 3) if M.algorithms.pipelined(algo, coll) else (1,)):
+                fast = M._structure(lay, nodes, coll, algo, k)
+                monkeypatch.setattr(M, "_GENERIC_ONLY", True)
+                generic = M._structure(lay, nodes, coll, algo, k)
+                monkeypatch.setattr(M, "_GENERIC_ONLY", False)
+                np.testing.assert_allclose(M.evaluate(fast, theta, sizes), M.evaluate(generic, theta, sizes),
+                                           rtol=1e-9, err_msg=f"{algo} {coll.value} pipeline {k}")
